@@ -46,3 +46,45 @@ def finalize_grads_without_token_scaling():
         return finalize_model_grads(model, None, *args, **kwargs)
 
     return finalize
+
+
+def prepare_optimizer_for_load(optimizer) -> None:
+    """Gives a fresh optimizer the state entries its sharded_state_dict() expects when loading.
+
+    Without apex/TE, megatron's DistributedOptimizer.state_dict() reads a 'step' from every param
+    state, which a never-stepped torch Adam lacks (megatron's init_state_fn creates only the moments).
+    """
+    import torch
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state[p]
+                if len(st) == 0:
+                    st["exp_avg"] = torch.zeros_like(p.data)
+                    st["exp_avg_sq"] = torch.zeros_like(p.data)
+                st.setdefault("step", torch.zeros([], dtype=torch.float32))
+        _keep_step_when_loading(opt)
+
+
+def _keep_step_when_loading(opt) -> None:
+    """megatron-core 0.16 without apex/TE: loading a fully_reshardable distributed-optimizer state
+    copies every per-param state key from the checkpoint, 'step' included, which the checkpoint keeps
+    elsewhere (KeyError: 'step'). Keep the step that load_state_dict has already restored."""
+    setter = getattr(type(opt), "_set_main_param_and_optimizer_states", None)
+    if setter is None or getattr(opt, "_megalong_step_patch", False):
+        return
+
+    def set_states(model_param, tensors):
+        group_index, group_order = opt.model_param_group_index_map[model_param]
+        main = opt.optimizer.param_groups[group_index]["params"][group_order]
+        st = opt.optimizer.state.get(main, {})
+        if "step" in st and "step" not in tensors:
+            tensors = dict(tensors, step=st["step"].clone())
+        return setter(opt, model_param, tensors)
+
+    opt._set_main_param_and_optimizer_states = set_states
+    opt._megalong_step_patch = True
