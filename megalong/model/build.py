@@ -34,7 +34,7 @@ def build_model(cfg: ModelConfig, tp: int = 1, pp: int = 1, cp: int = 1, pre_pro
     if post_process is None:
         post_process = mpu.is_pipeline_last_stage()
     model = GPTModel(
-        config=tcfg, transformer_layer_spec=layer_spec(cfg), vocab_size=cfg.vocab_size,
+        config=tcfg, transformer_layer_spec=layer_spec(cfg), vocab_size=cfg.padded_vocab_size,
         max_sequence_length=cfg.max_position_embeddings, pre_process=pre_process, post_process=post_process,
         parallel_output=True, share_embeddings_and_output_weights=cfg.tie_embeddings,
         position_embedding_type="none",
@@ -42,6 +42,7 @@ def build_model(cfg: ModelConfig, tp: int = 1, pp: int = 1, cp: int = 1, pre_pro
     if post_process:
         model.output_layer.__class__ = ChunkedCrossEntropyHead
         model.output_layer.chunk_tokens = cfg.loss_chunk_tokens
+        model.output_layer.true_vocab_size = cfg.vocab_size
     if not torch.cuda.is_available():
         model = model.cpu()
     return model

@@ -26,7 +26,7 @@ class ModelConfig:
     num_attention_heads: int = 4
     num_kv_heads: int = 2
     ffn_hidden_size: int = 128
-    vocab_size: int = 256
+    vocab_size: int = 256  # the tokenizer's; the model pads it (see padded_vocab_size)
     head_dim: Optional[int] = None  # default hidden_size // num_attention_heads
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
@@ -34,6 +34,9 @@ class ModelConfig:
     rope_scaling: Optional[RopeScaling] = None
     max_position_embeddings: int = 8192
     init_std: float = 0.02
+    # Embedding/output rows are padded to a multiple of this (TP-independent, so checkpoints reshard);
+    # the padded logits are masked out of the softmax, so padding never changes the loss.
+    make_vocab_size_divisible_by: int = 128
     # attention kernel: auto | reference | flex | varlen | cudnn | flash_attn | te
     attention_backend: str = "auto"
     # tokens per chunk of the chunked cross-entropy (never materialises [S, vocab] logits at once)
@@ -41,6 +44,11 @@ class ModelConfig:
     params_dtype: Literal["float32", "bfloat16"] = "float32"
     recompute: Literal["none", "selective", "full"] = "none"
     name: str = "custom"
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // m) * m
 
     @property
     def kv_channels(self) -> int:
@@ -57,9 +65,12 @@ class ModelConfig:
         if self.num_attention_heads % tp:
             raise ValueError(f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
                              f"tensor parallel size {tp}; choose parallel.tensor_parallel dividing it")
-        if self.num_kv_heads % tp and tp % self.num_kv_heads:
-            raise ValueError(f"model.num_kv_heads={self.num_kv_heads} and tensor parallel size {tp} must "
-                             "divide one another; choose another parallel.tensor_parallel")
+        if self.num_kv_heads % tp:
+            raise ValueError(f"model.num_kv_heads={self.num_kv_heads} is not divisible by tensor parallel "
+                             f"size {tp}; choose parallel.tensor_parallel dividing the KV heads")
+        if self.padded_vocab_size % tp:
+            raise ValueError(f"padded vocabulary {self.padded_vocab_size} is not divisible by tensor parallel "
+                             f"size {tp}; set model.make_vocab_size_divisible_by to a multiple of {tp}")
         if self.ffn_hidden_size % tp:
             raise ValueError(f"model.ffn_hidden_size={self.ffn_hidden_size} is not divisible by tensor "
                              f"parallel size {tp}")
