@@ -161,10 +161,11 @@ def build(demo: Demo) -> None:
     @demo.step("probes", "probes (perplexity by position, needle, JSON-KV) on stage 1, stage 2 and SFT")
     def _():
         res = {}
+        sizes = (["--lengths", "256", "--depths", "0,1", "--samples", "1", "--num-docs", "2"] if demo.quick else
+                 ["--lengths", "256,1K", "--depths", "0,0.5,1", "--samples", "2", "--num-docs", "4"])
         for stage in ("stage1", "stage2", "sft"):
-            demo.sh(f"probes_{stage}", [demo.py, "-m", "megalong.eval", "all", "--ckpt", runs / stage,
-                                        "--tokenizer", tok, "--data", docs / "books_text_document", "--lengths", "256,1K",
-                                        "--depths", "0,0.5,1", "--samples", "2", "--num-docs", "4",
+            demo.sh(f"probes_{stage}", [demo.py, "-m", "megalong.eval", "all", "--ckpt", runs / stage, "--tokenizer",
+                                        tok, "--data", docs / "books_text_document", *sizes,
                                         "--out", out / "probes" / stage, "--device", "cpu"])
             summary = out / "probes" / stage / "summary.json"
             res[stage] = json.loads(summary.read_text()) if summary.is_file() else {}
@@ -183,11 +184,10 @@ def print_summary(demo: Demo) -> None:
     print(f"{'stage':<8} {'steps':>6} {'first loss':>11} {'last loss':>10} {'tokens/s':>10}  probes (ppl · needle · jsonkv)")
     for stage in ("stage1", "stage2", "sft"):
         s, p = r.get(stage, {}), r.get("probes", {}).get(stage, {})
-        head = p.get("headline", p)
-        probe = f"{_fmt(head.get('ppl'), '.1f')} · {_fmt(head.get('needle_accuracy'), '.2f')} · " \
-                f"{_fmt(head.get('jsonkv_accuracy'), '.2f')}"
-        print(f"{stage:<8} {s.get('step', s.get('steps', '—')):>6} {_fmt(s.get('first_loss')):>11} "
-              f"{_fmt(s.get('last_loss', s.get('loss'))):>10} {_fmt(s.get('tokens_per_s'), '.0f'):>10}  {probe}")
+        probe = f"{_fmt(p.get('ppl', {}).get('ppl'), '.1f')} · {_fmt(p.get('needle', {}).get('mean_accuracy'), '.2f')}" \
+                f" · {_fmt(p.get('jsonkv', {}).get('mean_accuracy'), '.2f')}"
+        print(f"{stage:<8} {s.get('final_step', '—'):>6} {_fmt(s.get('first_loss')):>11} "
+              f"{_fmt(s.get('last_loss')):>10} {_fmt(s.get('tokens_per_s'), '.0f'):>10}  {probe}")
     gen = r.get("export", {})
     print(f"\nHF export: {demo.out / 'hf'}  (transformers generated: {gen.get('reply', '')[:60]!r})")
     print(f"checkpoints: {demo.out / 'runs'}/{{stage1,stage2,sft}}   W&B (offline): {demo.out / 'runs'}/*/wandb")
