@@ -65,8 +65,16 @@ def model_config_from_checkpoint(path: str | Path):
     return from_dict(ModelConfig, read_meta(path)["model"], f"{path}/{META}:model")
 
 
+def _unwrap(chunk):
+    """The GPTModel inside DDP/Float16 wrappers: keys never depend on wrapping (converted checkpoints
+    and trainer checkpoints must match), as Megatron-LM's unwrap_model does before saving."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
 def _model_sharded_state(model_chunks) -> dict:
-    chunks = list(model_chunks)
+    chunks = [_unwrap(c) for c in model_chunks]
     if len(chunks) == 1:
         return {"model": chunks[0].sharded_state_dict()}
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
@@ -179,7 +187,7 @@ def load_checkpoint(path: str | Path, model_chunks: Sequence[torch.nn.Module], *
     if optimizer is not None:
         template["optimizer"] = _optimizer_state(optimizer, template, is_loading=True)
     loaded = dist_checkpointing.load(template, str(found))
-    chunks = list(model_chunks)
+    chunks = [_unwrap(c) for c in model_chunks]
     if len(chunks) == 1:
         chunks[0].load_state_dict(loaded["model"], strict=False)
     else:

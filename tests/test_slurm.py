@@ -1,0 +1,270 @@
+"""slurm/*.sh on a real one-node SLURM cluster (munged + slurmctld + slurmd, DESIGN §7).
+
+The GPU scripts run unmodified, with CPU overrides on the sbatch command line (`--nodes=1
+--ntasks-per-node=2 --gpus-per-node=0`) and tiny recipes in the environment: the chain script runs
+stage 1 → stage 2 → SFT → convert (after pack.sh) with `--dependency=afterok`, and a stage preempted with
+`scancel --signal=USR1` saves, requeues itself and resumes from the saved step. Every job is followed
+by polling `scontrol show job`. One cluster serves the whole module (its tests share the xdist group
+"slurm"); without root or apt the tests skip and say why.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.slurm_cluster import FINAL_STATES, SlurmCluster, SlurmUnavailable, apt_install
+
+pytestmark = pytest.mark.xdist_group("slurm")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "slurm").glob("*.sh"))
+TRAIN_SCRIPTS = ["stage1_64k.sh", "stage2_512k.sh", "sft.sh"]
+CPU_TRAIN = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0"]  # the GPU defaults, overridden
+TINY = {"stage1": "train.steps=2 train.save_interval=0 eval.datasets=[] logging.interval=1",
+        "stage2": "train.steps=2 train.save_interval=0 logging.interval=1",
+        "sft": "train.steps=2 train.save_interval=0 logging.interval=1"}
+TOKENIZER = {"type": "synthetic", "path": "-", "sha256": "-", "vocab_size": 256, "eod_id": 0, "bos_id": None}
+
+
+def skip_because(reason: str):
+    """A skip, never a silent pass: the reason is in the short summary (`-ra` in pytest.ini)."""
+    pytest.skip(f"SLURM tests skipped: {reason}")
+
+
+# ---------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = None
+    try:
+        apt_install(["slurmctld", "slurmd", "slurm-client", "munge"],
+                    ["slurmctld", "slurmd", "sbatch", "scontrol", "munged", "mungekey"])
+        c = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+        c.start()  # installed but not starting is a failure (ClusterError), not a skip
+        yield c
+    except SlurmUnavailable as e:
+        skip_because(str(e))
+    finally:
+        if c is not None:
+            c.stop()
+
+
+def _write_docs(prefix: Path, docs: list[np.ndarray], masks=None) -> None:
+    from megalong.data.indexed import DatasetWriter
+
+    with DatasetWriter(prefix, np.uint16) as w:
+        w.add_documents(np.concatenate(docs), np.array([len(d) for d in docs]))
+        if masks is not None:
+            with DatasetWriter(str(prefix) + "_loss", np.uint8) as lw:
+                lw.add_documents(np.concatenate(masks), np.array([len(m) for m in masks]))
+                lw.commit({"kind": "loss_mask"})
+        w.commit({"kind": "documents", "tokenizer": TOKENIZER, "source_name": prefix.name})
+
+
+@pytest.fixture(scope="module")
+def docs_root(tmp_path_factory) -> Path:
+    """Document datasets named as examples/data/tiny_*.yaml expect (random tokens, EOD = 0)."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+
+    def docs(n, lo, hi):
+        out = [rng.integers(1, 256, int(rng.integers(lo, hi))) for _ in range(n)]
+        for d in out:
+            d[-1] = 0
+        return out
+
+    _write_docs(root / "docs" / "long_docs", docs(80, 3000, 5000))
+    _write_docs(root / "docs" / "medium_docs", docs(150, 500, 900))
+    _write_docs(root / "docs" / "short_docs", docs(1000, 60, 250))
+    chats = docs(300, 100, 600)
+    _write_docs(root / "docs" / "chats_sft", chats,
+                [np.r_[np.zeros(len(c) // 2, np.uint8), np.ones(len(c) - len(c) // 2, np.uint8)] for c in chats])
+    return root
+
+
+def job_env(**extra) -> dict[str, str]:
+    return {"MEGALONG_ROOT": str(ROOT), "MEGALONG_PYTHON": sys.executable, "WANDB_MODE": "disabled",
+            "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **extra}
+
+
+def finished_ok(cluster: SlurmCluster, job: int, timeout_s: float = 240) -> tuple[dict, str]:
+    info = cluster.wait(job, timeout_s)
+    log = Path(info["StdOut"]).read_text(errors="replace") if Path(info.get("StdOut", "")).is_file() else ""
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
+        f"job {job}: {info['JobState']} exit {info.get('ExitCode')}\n{cluster.job_log(info)}\n{cluster.log_tail()}"
+    return info, log
+
+
+# ---------------------------------------------------------------------------------------- static checks
+
+
+def test_scripts_pass_bash_n_and_shellcheck():
+    assert {p.name for p in SCRIPTS} >= {"common.sh", "launch.sh", "preprocess.sh", "pack.sh", "stage1_64k.sh",
+                                         "stage2_512k.sh", "sft.sh", "convert_to_hf.sh", "eval.sh", "run_recipe.sh"}
+    for script in SCRIPTS:
+        proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"bash -n {script.name}: {proc.stderr}"
+    try:
+        apt_install(["shellcheck"], ["shellcheck"])
+    except SlurmUnavailable as e:
+        skip_because(f"shellcheck: {e}")
+    proc = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_scripts_document_their_environment():
+    """Every variable a script reads with a default is named in its header comment or common.sh's."""
+    common_header = (ROOT / "slurm" / "common.sh").read_text().split("\n\n")[0]
+    docs = (ROOT / "docs" / "slurm.md").read_text()
+    for script in SCRIPTS:
+        text = script.read_text()
+        header = "\n".join(ln for ln in text.splitlines() if ln.startswith("#"))
+        for var in sorted(set(re.findall(r"\$\{([A-Z][A-Z0-9_]+)[:-]", text))):
+            if var.startswith("SLURM_") or var in ("PYTHONPATH", "OMP_NUM_THREADS"):
+                continue
+            assert var in header or var in common_header, f"{script.name}: {var} is not documented at the top"
+            assert var in docs, f"{var} ({script.name}) is not in docs/slurm.md"
+
+
+# ---------------------------------------------------------------------------------------- on the cluster
+
+
+def test_gpu_scripts_accept_cpu_overrides(cluster, tmp_path):
+    """The unmodified #SBATCH lines (8 GPUs per node) with command-line overrides fit a CPU node."""
+    for script in SCRIPTS:
+        if script.name in ("common.sh", "launch.sh", "run_recipe.sh"):
+            continue
+        args = CPU_TRAIN if script.name in TRAIN_SCRIPTS else \
+            ["--gpus-per-node=0"] if script.name == "eval.sh" else ["--cpus-per-task=1"]
+        proc = subprocess.run(["sbatch", "--test-only", *args, f"--output={tmp_path}/%j.out", str(script)],
+                              capture_output=True, text=True, env=cluster.env, cwd=tmp_path, timeout=60)
+        assert proc.returncode == 0 and "to start at" in proc.stderr, f"{script.name}: {proc.stderr}"
+
+
+@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
+def test_launcher_starts_a_two_process_gloo_group(cluster, tmp_path, launcher):
+    """The one launcher (common.sh + launch.sh) under both modes: ranks, world size, an all-reduce."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os, torch, torch.distributed as dist\n"
+                     "dist.init_process_group('gloo')\n"
+                     "t = torch.tensor([dist.get_rank() + 1]); dist.all_reduce(t)\n"
+                     "print(f\"rank {dist.get_rank()}/{dist.get_world_size()} local {os.environ['LOCAL_RANK']} "
+                     "sum {int(t)}\", flush=True)\n")
+    job_script = tmp_path / "probe.sh"
+    job_script.write_text("#!/bin/bash\nset -euo pipefail\nsource \"$MEGALONG_ROOT/slurm/common.sh\"\n"
+                          f"ml_header probe\nml_launch {probe}\n")
+    job = cluster.sbatch(job_script, sbatch_args=["--nodes=1", "--ntasks-per-node=2", f"--output={tmp_path}/%j.out"],
+                         env=job_env(MEGALONG_LAUNCHER=launcher), cwd=tmp_path)
+    info, log = finished_ok(cluster, job, 120)
+    assert sorted(re.findall(r"^rank (\d)/2 local (\d) sum 3$", log, re.M)) == [("0", "0"), ("1", "1")], log
+    assert f"job {job} " in log and f"nodes 1: {cluster.host}" in log
+    assert re.search(rf"launch: {launcher}, 1 node\(s\) × 2 processes = 2; rendezvous {cluster.host}:\d+", log), log
+
+
+def _steps_logged(metrics: Path) -> list[int]:
+    return [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()
+            if ln.strip() and json.loads(ln).get("kind", "train") == "train"]
+
+
+@pytest.fixture(scope="module")
+def packed(cluster, docs_root, tmp_path_factory) -> Path:
+    """slurm/pack.sh as a job: the tiny data recipes → {docs_root}/packed/{stage1,stage2,sft}."""
+    logs = tmp_path_factory.mktemp("pack_logs")
+    ex = ROOT / "examples" / "data"
+    env = job_env(DATA_ROOT=str(docs_root), PACK_ARGS="--no-plot --quiet",
+                  PACK_STAGES=" ".join(f"{s}={ex}/tiny_{s}.yaml" for s in ("stage1", "stage2", "sft")))
+    job = cluster.sbatch(ROOT / "slurm" / "pack.sh", sbatch_args=["--cpus-per-task=1", f"--output={logs}/%x-%j.out"],
+                         env=env, cwd=logs)
+    _, log = finished_ok(cluster, job, 180)
+    for s in ("stage1", "stage2", "sft"):
+        meta = json.loads((docs_root / "packed" / f"{s}.meta.json").read_text())
+        assert meta["stage"] == f"tiny-{s}-" + ("4k" if s == "stage2" else "1k"), meta["stage"]
+        assert f"pack {s}: {ex}/tiny_{s}.yaml" in log
+    return docs_root / "packed"
+
+
+def test_recipe_chain_stage1_stage2_sft_convert(cluster, packed, tmp_path):
+    ckpt, logs = tmp_path / "ckpt", tmp_path / "logs"
+    logs.mkdir()
+    ex = ROOT / "examples"
+    cpu_train = " ".join(CPU_TRAIN)
+    env = job_env(
+        DATA_ROOT=str(packed.parent), CKPT_ROOT=str(ckpt), HF_OUT_DIR=str(tmp_path / "hf"),
+        STAGE1_CONFIG=str(ex / "tiny_stage1.yaml"), STAGE2_CONFIG=str(ex / "tiny_stage2.yaml"),
+        SFT_CONFIG=str(ex / "tiny_sft.yaml"), STAGE1_ARGS=TINY["stage1"], STAGE2_ARGS=TINY["stage2"],
+        SFT_ARGS=TINY["sft"], RECIPE_SBATCH_ARGS=f"--output={logs}/%x-%j.out",
+        RECIPE_SBATCH_ARGS_CONVERT="--cpus-per-task=1",
+        RECIPE_SBATCH_ARGS_STAGE1=cpu_train, RECIPE_SBATCH_ARGS_STAGE2=cpu_train, RECIPE_SBATCH_ARGS_SFT=cpu_train)
+    steps = ["stage1", "stage2", "sft", "convert"]
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / "run_recipe.sh"), *steps], capture_output=True, text=True,
+                          env={**cluster.env, **env}, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    jobs = dict(line.split() for line in proc.stdout.splitlines())
+    assert list(jobs) == steps
+    ids = [int(jobs[s]) for s in steps]
+    for prev, nxt in zip(ids, ids[1:]):
+        assert cluster.job(nxt)["Dependency"] in (f"afterok:{prev}(unfulfilled)", "(null)")  # null: already met
+    results = {s: finished_ok(cluster, int(jobs[s]), 300) for s in steps}
+
+    for s in ("stage1", "stage2", "sft"):
+        save = {"stage1": ckpt / "stage1_64k", "stage2": ckpt / "stage2_512k", "sft": ckpt / "sft"}[s]
+        n = int(re.search(r"train\.steps=(\d+)", TINY[s]).group(1))
+        summary = json.loads((save / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["final_step"] == n, summary
+        assert (save / "latest").read_text().strip() == f"iter_{n:07d}"
+        assert (save / f"iter_{n:07d}" / "megalong.json").is_file()
+        info, log = results[s]
+        # the log says which job, where, with what config, and where checkpoints and W&B files go
+        assert f"job {info['JobId']} name=megalong-{s}" in log and f"nodes 1: {cluster.host}" in log
+        assert "# megalong.train resolved config" in log and f"save_dir: {save}" in log
+        assert f"checkpoints {save}: none yet" in log and f"run files under {save}/wandb" in log
+        assert _steps_logged(save / "metrics.jsonl") == list(range(1, n + 1))
+    # each stage starts from the previous stage's final checkpoint (weights only)
+    assert f"initialised weights from {ckpt / 'stage1_64k' / 'iter_0000002'}" in results["stage2"][1]
+    assert f"initialised weights from {ckpt / 'stage2_512k' / 'iter_0000002'}" in results["sft"][1]
+    hf = tmp_path / "hf"
+    config = json.loads((hf / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2 and config["rope_theta"] == pytest.approx(1.28e8)
+    assert list(hf.glob("*.safetensors")), sorted(p.name for p in hf.iterdir())
+
+
+def test_preemption_signal_saves_requeues_and_resumes(cluster, packed, tmp_path):
+    """`scancel --signal=USR1` mid-run (through torchrun): save, requeue, resume from the saved step."""
+    save, steps = tmp_path / "ckpt" / "stage1", 12
+    env = job_env(MEGALONG_LAUNCHER="torchrun", STAGE1_CONFIG=str(ROOT / "examples" / "tiny_stage1.yaml"),
+                  STAGE1_DATA=str(packed / "stage1"), STAGE1_SAVE_DIR=str(save))
+    job = cluster.sbatch(ROOT / "slurm" / "stage1_64k.sh", f"train.steps={steps}", "train.save_interval=0",
+                         "eval.datasets=[]", "logging.interval=1",
+                         sbatch_args=[*CPU_TRAIN, f"--output={tmp_path}/%x-%j.out"], env=env, cwd=tmp_path)
+    log_path = tmp_path / f"megalong-stage1-{job}.out"
+    deadline = time.monotonic() + 180
+    while not re.search(r"^step 2/", log_path.read_text() if log_path.exists() else "", re.M):
+        info = cluster.job(job)
+        assert info["JobState"] not in FINAL_STATES, f"{info}\n{cluster.job_log(info)}"
+        assert time.monotonic() < deadline, f"no training step logged\n{cluster.job_log(info)}"
+        time.sleep(0.2)
+    cluster.cancel(job, "USR1")
+    info, log = finished_ok(cluster, job, 240)
+
+    assert info["Restarts"] == "1", info
+    stopped = int(re.search(r"stopping after step (\d+)", log).group(1))
+    assert 2 <= stopped < steps, log
+    saved = save / f"iter_{stopped:07d}"
+    assert json.loads((saved / "megalong.json").read_text())["run_state"]["reason"] == "preempted"
+    assert f"requeueing job {job} (restart 1)" in log
+    assert f"job {job} name=megalong-stage1 restart=1" in log
+    assert f"checkpoints {save}: resuming from iter_{stopped:07d}" in log
+    assert f"resumed from {saved} at step {stopped}" in log
+    summary = json.loads((save / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["final_step"] == steps
+    assert summary["resumed_from"] == str(saved)
+    # the resumed run continued at the step after the saved one: no step trained twice, none skipped
+    assert _steps_logged(save / "metrics.jsonl") == list(range(1, steps + 1))
