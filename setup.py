@@ -26,7 +26,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-xdist", "transformers", "matplotlib", "zstandard", "pyarrow",
                  "gigatoken"],
-        "data": ["zstandard", "pyarrow", "matplotlib", "gigatoken"],
+        "data": ["zstandard", "pyarrow", "matplotlib", "gigatoken", "transformers"],
         "eval": ["transformers", "matplotlib"],
         "gpu": ["transformer-engine", "flash-attn", "nvidia-cudnn-frontend"],
     },

@@ -120,6 +120,19 @@ ml_launch() {
     srun "${srun_args[@]}" "${extra[@]}" bash "$MEGALONG_ROOT/slurm/launch.sh" "$mode" "$MEGALONG_PYTHON" "$@"
 }
 
+# Fills the array ML_DATA_OVERRIDES from a stage's packed dataset ($1) and held-out dataset ($2);
+# "" keeps the recipe's. A held-out dataset that does not exist turns evaluation off, saying so.
+ml_data_overrides() {
+    ML_DATA_OVERRIDES=()
+    if [[ -n $1 ]]; then ML_DATA_OVERRIDES+=("data.datasets=[{path: $1}]"); fi
+    if [[ -n $2 && -f $2.meta.json ]]; then
+        ML_DATA_OVERRIDES+=("eval.datasets=[{path: $2}]")
+    elif [[ -n $2 ]]; then
+        ml_log "no held-out dataset at $2: evaluation off (pack one there or set the *_EVAL_DATA variable)"
+        ML_DATA_OVERRIDES+=("eval.datasets=[]")
+    fi
+}
+
 # A field of a run's summary.json (written by the trainer when it returns).
 ml_summary_field() {
     "$MEGALONG_PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1])).get(sys.argv[2]))' "$1" "$2"

@@ -8,6 +8,8 @@
 # Environment [default]:
 #   SFT_CONFIG        run recipe [examples/prolong_sft_64k.yaml]
 #   SFT_DATA          packed dataset prefix [$DATA_ROOT/packed/sft]; empty: the recipe's data.datasets
+#   SFT_EVAL_DATA     held-out packed prefix [$DATA_ROOT/packed/sft_heldout; no evaluation if absent];
+#                     empty: the recipe's eval.datasets
 #   SFT_SAVE_DIR      checkpoints, summary.json, W&B files [$CKPT_ROOT/sft]
 #   SFT_INIT_FROM     weights to start from [$STAGE2_SAVE_DIR: stage 2's latest (final) checkpoint]
 #   plus slurm/common.sh's: MEGALONG_LAUNCHER (srun|torchrun), NPROC_PER_NODE, MEGALONG_MASTER_PORT, DATA_ROOT,
@@ -32,12 +34,11 @@ done
 # shellcheck source=common.sh source-path=SCRIPTDIR
 source "$MEGALONG_ROOT/slurm/common.sh" || { echo "slurm/common.sh not found: set MEGALONG_ROOT" >&2; exit 2; }
 
-config=${SFT_CONFIG:-$MEGALONG_ROOT/examples/prolong_sft_64k.yaml}
-data=${SFT_DATA-$DATA_ROOT/packed/sft}
-init_from=${SFT_INIT_FROM:-$STAGE2_SAVE_DIR}
-overrides=("train.init_from=$init_from")
-[[ -n $data ]] && overrides+=("data.datasets=[{path: $data}]")
-
 ml_header "SFT"
+config=${SFT_CONFIG:-$MEGALONG_ROOT/examples/prolong_sft_64k.yaml}
+ml_data_overrides "${SFT_DATA-$DATA_ROOT/packed/sft}" "${SFT_EVAL_DATA-$DATA_ROOT/packed/sft_heldout}"
+init_from=${SFT_INIT_FROM:-$STAGE2_SAVE_DIR}
+overrides=("train.init_from=$init_from" "${ML_DATA_OVERRIDES[@]}")
+
 ml_log "SFT starts from $init_from ($(cat "$init_from/latest" 2>/dev/null || echo 'no latest pointer'))"
 ml_train "$SFT_SAVE_DIR" "$config" "${overrides[@]}" "$@"

@@ -6,6 +6,8 @@
 # Environment [default]:
 #   STAGE1_CONFIG     run recipe [examples/prolong_stage1_64k.yaml]
 #   STAGE1_DATA       packed dataset prefix [$DATA_ROOT/packed/stage1]; empty: the recipe's data.datasets
+#   STAGE1_EVAL_DATA  held-out packed prefix [$DATA_ROOT/packed/stage1_heldout; no evaluation if absent];
+#                     empty: the recipe's eval.datasets
 #   STAGE1_SAVE_DIR   checkpoints, summary.json, W&B files [$CKPT_ROOT/stage1_64k]
 #   STAGE1_INIT_FROM  checkpoint to start from, e.g. Llama-3-8B-Instruct converted with
 #                     tools/convert_checkpoint.py [empty: the recipe's train.init_from]
@@ -32,11 +34,10 @@ done
 # shellcheck source=common.sh source-path=SCRIPTDIR
 source "$MEGALONG_ROOT/slurm/common.sh" || { echo "slurm/common.sh not found: set MEGALONG_ROOT" >&2; exit 2; }
 
+ml_header "stage 1 (64K)"
 config=${STAGE1_CONFIG:-$MEGALONG_ROOT/examples/prolong_stage1_64k.yaml}
-data=${STAGE1_DATA-$DATA_ROOT/packed/stage1}
-overrides=()
-[[ -n $data ]] && overrides+=("data.datasets=[{path: $data}]")
+ml_data_overrides "${STAGE1_DATA-$DATA_ROOT/packed/stage1}" "${STAGE1_EVAL_DATA-$DATA_ROOT/packed/stage1_heldout}"
+overrides=("${ML_DATA_OVERRIDES[@]}")
 [[ -n ${STAGE1_INIT_FROM:-} ]] && overrides+=("train.init_from=$STAGE1_INIT_FROM")
 
-ml_header "stage 1 (64K)"
 ml_train "$STAGE1_SAVE_DIR" "$config" "${overrides[@]}" "$@"

@@ -7,6 +7,8 @@
 # Environment [default]:
 #   STAGE2_CONFIG     run recipe [examples/prolong_stage2_512k.yaml]
 #   STAGE2_DATA       packed dataset prefix [$DATA_ROOT/packed/stage2]; empty: the recipe's data.datasets
+#   STAGE2_EVAL_DATA  held-out packed prefix [$DATA_ROOT/packed/stage2_heldout; no evaluation if absent];
+#                     empty: the recipe's eval.datasets
 #   STAGE2_SAVE_DIR   checkpoints, summary.json, W&B files [$CKPT_ROOT/stage2_512k]
 #   STAGE2_INIT_FROM  weights to start from [$STAGE1_SAVE_DIR: stage 1's latest (final) checkpoint]
 #   plus slurm/common.sh's: MEGALONG_LAUNCHER (srun|torchrun), NPROC_PER_NODE, MEGALONG_MASTER_PORT, DATA_ROOT,
@@ -33,12 +35,11 @@ done
 # shellcheck source=common.sh source-path=SCRIPTDIR
 source "$MEGALONG_ROOT/slurm/common.sh" || { echo "slurm/common.sh not found: set MEGALONG_ROOT" >&2; exit 2; }
 
-config=${STAGE2_CONFIG:-$MEGALONG_ROOT/examples/prolong_stage2_512k.yaml}
-data=${STAGE2_DATA-$DATA_ROOT/packed/stage2}
-init_from=${STAGE2_INIT_FROM:-$STAGE1_SAVE_DIR}
-overrides=("train.init_from=$init_from")
-[[ -n $data ]] && overrides+=("data.datasets=[{path: $data}]")
-
 ml_header "stage 2 (512K)"
+config=${STAGE2_CONFIG:-$MEGALONG_ROOT/examples/prolong_stage2_512k.yaml}
+ml_data_overrides "${STAGE2_DATA-$DATA_ROOT/packed/stage2}" "${STAGE2_EVAL_DATA-$DATA_ROOT/packed/stage2_heldout}"
+init_from=${STAGE2_INIT_FROM:-$STAGE1_SAVE_DIR}
+overrides=("train.init_from=$init_from" "${ML_DATA_OVERRIDES[@]}")
+
 ml_log "stage 2 starts from $init_from ($(cat "$init_from/latest" 2>/dev/null || echo 'no latest pointer'))"
 ml_train "$STAGE2_SAVE_DIR" "$config" "${overrides[@]}" "$@"

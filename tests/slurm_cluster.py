@@ -259,7 +259,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         return parse_scontrol(proc.stdout)
 
     def wait(self, job_id: int, timeout_s: float = 240, until: Optional[set[str]] = None,
-             poll_s: float = 0.5) -> dict[str, str]:
+             poll_s: float = 1.0) -> dict[str, str]:
         """Polls until the job reaches a state in `until` (default: any final state)."""
         until = until or FINAL_STATES
         deadline = time.monotonic() + timeout_s

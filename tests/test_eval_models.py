@@ -25,35 +25,31 @@ from tests.launch import torchrun
 from tests.test_eval_probes import make_tokenizer, word_docs, write_documents
 
 L = 128  # training length = the model's maximum
-RECALL = RecallConfig(samples=4, value_digits=3, key_chars=4)
+# One-digit values: finding the one number in the haystack and copying it is learnable in ~150 CPU
+# steps; multi-digit values need induction heads, which form only after many hundreds of steps.
+RECALL = RecallConfig(samples=4, value_digits=1, key_chars=4)
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+STEPS = 200
 
 
 def tiny_config(vocab_size: int):
+    """2 layers, d 64. init_std 0.1 (not 0.02): attention starts sharp enough for a 2-core CPU to
+    train retrieval in ~150 steps; from 0.02 the model sits on a plateau for hundreds of steps."""
     from megalong.model.config import preset
 
     return preset("tiny", vocab_size=vocab_size, max_position_embeddings=L, attention_backend="reference",
-                  rope_base=10000.0)
+                  rope_base=10000.0, init_std=0.1)
 
 
-def training_batch(builder: PromptBuilder, tok, rng: np.random.Generator, seed: int, needles: int, copies: int):
-    """Needle prompts with their answer appended (loss on the answer only), plus copy sequences (a
-    random segment and its repeat, loss on the repeat) that teach the model to copy in few steps."""
-    rows = []
-    for i in range(needles):
-        s = builder.needle(L, float(rng.random()), 0, seed + i)
-        tokens = np.concatenate([s.prompt, tok.encode(" " + s.answer)])
-        rows.append((tokens, len(s.prompt)))
-    for _ in range(copies):
-        seg = rng.integers(1, tok.vocab_size, size=len(rows[0][0]) // 2)
-        rows.append((np.concatenate([seg, seg]), len(seg) + 1))
-    n = max(len(t) for t, _ in rows)
+def training_batch(builder: PromptBuilder, tok, rng: np.random.Generator, seed: int, rows: int):
+    """Needle prompts at random depths followed by their answer and a period; loss on those tokens."""
     samples = []
-    for tokens, first_target in rows:  # a padding segment (never a target) makes the lengths equal
-        mask = np.zeros(n)
-        mask[first_target:len(tokens)] = 1
-        padded = np.concatenate([tokens, np.full(n - len(tokens), tok.eod_id)])
-        samples.append(PackedSample(padded, mask, np.array([len(tokens), n - len(tokens)][:1 + (n > len(tokens))])))
+    for i in range(rows):
+        s = builder.needle(L, float(rng.random()), 0, seed + i)
+        tokens = np.concatenate([s.prompt, tok.encode(" " + s.answer + ".")])
+        mask = np.zeros(len(tokens))
+        mask[len(s.prompt):] = 1
+        samples.append(PackedSample(tokens, mask, np.array([len(tokens)])))
     return make_micro_batch(samples, position_mode="reset")
 
 
@@ -116,13 +112,13 @@ def world(tmp_path_factory):
                                 progress=False)
     model.train()
     builder = PromptBuilder(tok, RECALL, Haystack(docs, tok, seed=99, min_tokens=4 * L))
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.98), weight_decay=0.0)
     rng = np.random.default_rng(1)
     head = output_head(model)
     from megalong.attention.module import DocumentParams
 
     for step in range(STEPS):
-        mb = training_batch(builder, tok, rng, 10_000 + 100 * step, needles=8, copies=8)
+        mb = training_batch(builder, tok, rng, 10_000 + 100 * step, rows=16)
         with head.targets(mb.labels):
             ce = model(mb.tokens, mb.position_ids, None, packed_seq_params=DocumentParams.for_micro_batch(mb))[..., 0]
         loss = (ce * mb.loss_weights).sum() / mb.loss_weights.sum()
@@ -139,8 +135,6 @@ def world(tmp_path_factory):
     return {"root": root, "tok": tok, "docs": docs, "cfg": cfg, "ckpt": ckpt, "hf": hf_dir,
             "untrained": untrained, "trained": trained, "full": full}
 
-
-STEPS = 2
 
 
 def test_trained_model_beats_untrained_on_needle_recall(world):

@@ -256,6 +256,12 @@ def test_nan_stops_with_the_last_good_checkpoint_or_skips(dp, single):
     assert [r["skipped"] for r in skip["train"]] == [False, True, True]
 
 
+def test_time_limit_saves_and_exits_with_the_configured_code(single, work):
+    run = single["time_limit"]
+    assert run["code"] == 75 and run["summary"]["status"] == "time_limit" and run["summary"]["final_step"] == 1
+    assert (work / "out" / "time_limit" / "iter_0000001" / "megalong.json").is_file()
+
+
 def test_longalign_sorted_batching_variant_runs(single):
     run = single["sorted"]
     assert run["code"] == 0 and len(run["train"]) == 2

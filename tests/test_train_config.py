@@ -3,6 +3,7 @@ generated configuration reference, the signal flags."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -149,3 +150,21 @@ def test_stop_signals_are_flags_not_deaths():
         flags.restore()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
     assert agree([False, True, False]) == [False, True, False]  # no process group: local flags
+
+
+def test_logging_without_wandb_says_so_once_and_writes_jsonl(tmp_path, monkeypatch, capsys):
+    from megalong.train.config import LoggingConfig
+    from megalong.train.logger import MetricsLogger
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb → ImportError
+    log = MetricsLogger(LoggingConfig(jsonl=True, wandb=True), tmp_path, {}, "s1", active=True)
+    record = {"step": 1, "steps": 2, "stage": "s1", "loss": 4.5, "lr": 1e-3, "grad_norm": 0.5,
+              "tokens_per_s": 1000.0, "mfu": None, "l_eff": 100.0, "memory_gib": 0.1, "step_time_s": 0.2}
+    log.log(record)
+    log.log({"step": 1, "loss": 4.4, "tokens": 512, "position_losses": {"0-64": 4.6, "64-128": 4.2}}, kind="eval")
+    out = capsys.readouterr().out
+    assert out.count("wandb is not installed") == 1 and log.wandb_run is None
+    assert "step 1/2 | s1 | loss 4.5000 | lr 1.00e-03 | grad 0.500 | 1,000 tok/s" in out
+    assert "by position 0-64 4.600 64-128 4.200" in out
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["kind"] for x in lines] == ["train", "eval"]

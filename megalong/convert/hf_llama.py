@@ -126,9 +126,8 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str, template: Optional[dict] 
         "mlp_bias": False, "initializer_range": cfg.init_std, "pretraining_tp": 1, "use_cache": True,
         "torch_dtype": dtype,
     }
-    for key in TOKEN_ID_KEYS:
-        if key in template:
-            out[key] = template[key]
+    for key in TOKEN_ID_KEYS:  # null when unknown: transformers' defaults (1, 2) are not Llama-3's ids
+        out[key] = template.get(key)
     return out
 
 

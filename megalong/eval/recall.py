@@ -193,7 +193,7 @@ class PromptBuilder:
                 pieces.append(np.concatenate([sep, piece]) if pieces else piece)
                 used, longest_query = used + extra, q
             if not pairs:
-                raise self._too_short("jsonkv", length, length - budget + len(piece) + q)
+                raise self._too_short("jsonkv", length, len(prefix) + len(open_) + len(close) + len(piece) + q)
             starts = np.cumsum([0] + [len(p) for p in pieces[:-1]]) + np.array([0] + [len(sep)] * (len(pieces) - 1))
             j = int(np.argmin(np.abs(starts - depth * used)))
             key, value = pairs[j]

@@ -273,7 +273,3 @@ def _steps(tr: TrainConfig, G: int, S: Optional[int]) -> int:
     if S is None:
         raise ConfigError("train.total_tokens needs packed data (one sequence length); set train.steps")
     return max(1, math.ceil(tr.total_tokens / (G * S)))
-
-
-def resolved_dict(cfg: RunConfig) -> dict:
-    return to_dict(cfg)

@@ -120,13 +120,22 @@ def restore(s: Session) -> None:
     source = None
     if tr.resume == "auto":
         source = ckpt.latest_checkpoint(s.save_dir)
-    elif tr.resume != "never":
+    elif tr.resume == "never":
+        if ckpt.latest_checkpoint(s.save_dir) is not None:
+            s.logger.note(f"train.resume=never: not resuming from the checkpoints in {s.save_dir}; new saves "
+                          "at the same steps replace them")
+    else:
         source = ckpt.latest_checkpoint(tr.resume)
         if source is None:
             raise SetupError(f"train.resume={tr.resume!r}: no complete checkpoint there; give a checkpoint "
                              "directory (iter_*) or a save_dir with a 'latest' pointer, or use auto/never")
     if source is not None:
         _check_shape(source, s.plan.model, "train.resume")
+        saved_stage = (ckpt.read_meta(source).get("run_state") or {}).get("stage")
+        if saved_stage not in (None, tr.stage):
+            raise SetupError(f"{source} is a checkpoint of stage {saved_stage!r}, this run is stage {tr.stage!r}: "
+                             f"to start a new stage from it use train.init_from={source} with another "
+                             "train.save_dir")
         try:
             meta = ckpt.load_checkpoint(source, s.chunks, optimizer=s.optimizer, scheduler=s.scheduler,
                                         restore_rng=True)
@@ -135,10 +144,6 @@ def restore(s: Session) -> None:
                              "run, or start a new stage with train.init_from") from None
         _unshare_adam_steps(s.optimizer)
         rs = meta.get("run_state") or {}
-        if rs.get("stage") not in (None, tr.stage):
-            raise SetupError(f"{source} is a checkpoint of stage {rs.get('stage')!r}, this run is stage "
-                             f"{tr.stage!r}: to start a new stage from it use train.init_from={source} with "
-                             "another train.save_dir")
         s.step = int(meta["step"])
         s.consumed = s.loader.resume(rs["data"]) if "data" in rs else int(rs.get("consumed_samples", 0))
         s.tokens_trained = int(rs.get("tokens", 0))
@@ -241,10 +246,10 @@ def run_eval(s: Session) -> None:
 
 
 class _Window:
-    """Sums over one log interval: losses, tokens, time, and Σ L², Σ L of documents for L_eff."""
+    """Sums over one log interval: losses, time, and Σ L, Σ L² of this rank's documents (tokens, L_eff)."""
 
     def __init__(self):
-        self.losses, self.tokens, self.seconds, self.sq, self.lin, self.steps = [], 0, 0.0, 0.0, 0.0, 0
+        self.losses, self.seconds, self.sq, self.lin, self.steps = [], 0.0, 0.0, 0.0, 0
 
     def add(self, loss: Optional[float], micro_batches, seconds: float) -> None:
         if loss is not None:

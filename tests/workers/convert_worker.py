@@ -72,17 +72,18 @@ def logits_of_checkpoint(ckpt, tp, pp, tokens):
     return logits_on_rank0(model, cfg, tokens)
 
 
-def compare_hf_dirs(a, b) -> dict:
+def load_hf_tensors(d) -> dict:
     from safetensors.torch import load_file
+    out = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def compare_hf_dirs(a, b) -> dict:
     from transformers import AutoConfig
 
-    def tensors(d):
-        out = {}
-        for f in sorted(Path(d).glob("*.safetensors")):
-            out.update(load_file(str(f)))
-        return out
-
-    ta, tb = tensors(a), tensors(b)
+    ta, tb = load_hf_tensors(a), load_hf_tensors(b)
     identical = sorted(ta) == sorted(tb) and all(
         ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape and torch.equal(ta[k], tb[k]) for k in ta)
     skip = {"transformers_version", "_name_or_path"}
@@ -98,12 +99,13 @@ def train_one_step_and_export(work, ckpt, tokens, rank):
     reinit(2, 2)
     cfg = dataclasses.replace(model_config_from_checkpoint(ckpt), rope_base=8e6, max_position_embeddings=1024)
     model = build_model(cfg, tp=2, pp=2)
-    load_checkpoint(ckpt, [model])
     (ddp,) = setup_model_for_training([model], use_distributed_optimizer=False)
     ocfg = OptimConfig(lr=1e-2, min_lr=0.0, warmup_fraction=0.0, decay_style="constant",
                        distributed_optimizer=False)
     opt = build_optimizer(ocfg, [ddp])
     build_scheduler(ocfg, opt, total_steps=10)
+    load_checkpoint(ckpt, [ddp])  # the trainer's train.init_from order: wrapped model, optimizer built
+    opt.reload_model_params()  # refresh any main-param copies from the loaded weights
     rng = np.random.default_rng(0)
     mbs = [make_micro_batch([PackedSample(rng.integers(0, cfg.vocab_size, 32), np.ones(32), np.array([20, 12]))])
            for _ in range(2)]
@@ -120,7 +122,9 @@ def train_one_step_and_export(work, ckpt, tokens, rank):
     if rank != 0:
         return {}
     config = json.loads((out / "config.json").read_text())
-    return {"trained_export_logits_abs": float((logits - hf_logits(out, tokens)).abs().max()),
+    before, after = load_hf_tensors(work / "hf_tied_padded_mha"), load_hf_tensors(out)
+    return {"max_weight_change": max(float((after[k] - before[k]).abs().max()) for k in before),
+            "trained_export_logits_abs": float((logits - hf_logits(out, tokens)).abs().max()),
             "rope_theta": config["rope_theta"], "max_position_embeddings": config["max_position_embeddings"],
             "has_optimizer_keys": any("optimizer" in k for k in _dcp_keys(trained))}
 

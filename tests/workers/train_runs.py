@@ -11,12 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-
-from megalong.train import trainer
-from megalong.train.config import load_run_config, plan_run
+# torch, megatron and megalong are imported inside the functions: dist_checkpointing's writer starts
+# a helper process that re-imports this file, and should not pay for them again.
 
 QUIET = ["logging.wandb=false", "logging.jsonl=true", "logging.interval=1"]
 CONST = ["optim.lr=3e-3", "optim.min_lr=3e-3", "optim.warmup_fraction=0", "optim.decay_style=constant"]
@@ -51,8 +47,10 @@ def runs(suite, data, out):
             "pp2": stage1(data, out, "pp2", "train.steps=12", "eval.interval=6", f"train.resume={out}/ref/iter_0000008",
                           "parallel.pipeline_parallel=2", "train.save_at_end=false"),
             "token_dp2": parity(data, out, "token_dp2", "token"),
-            "token_cp2": parity(data, out, "token_cp2", "token", "parallel.context_parallel=2"),
-            "sequence_dp2": parity(data, out, "sequence_dp2", "sequence"),
+            # recomputation must not change anything either
+            "token_cp2": parity(data, out, "token_cp2", "token", "parallel.context_parallel=2",
+                                "model.recompute=selective"),
+            "sequence_dp2": parity(data, out, "sequence_dp2", "sequence", "model.recompute=full"),
             "sequence_cp2": parity(data, out, "sequence_cp2", "sequence", "parallel.context_parallel=2"),
             "stage2": ("examples/tiny_stage2.yaml", [f"data.datasets=[{{path: {data}/stage2}}]",
                                                     f"train.init_from={out}/ref", f"train.save_dir={out}/stage2",
@@ -67,6 +65,8 @@ def runs(suite, data, out):
         "token_2x4": parity(data, out, "token_2x4", "token", "train.micro_batch_size=2"),
         "sequence_1x8": parity(data, out, "sequence_1x8", "sequence"),
         "sorted": sft(data, out, "sorted", "examples/tiny_longalign_sorted.yaml", "sft_docs", "train.save_at_end=false"),
+        "time_limit": stage1(data, out, "time_limit", "train.steps=5", "eval.datasets=[]",
+                             "train.exit_duration_minutes=0", "train.interrupted_exit_code=75"),
         "nan_skip": stage1(data, out, "nan_skip", "train.steps=3", "eval.datasets=[]", "train.on_nan=skip",
                            "train.save_at_end=false",
                            "optim.lr=1e30", "optim.min_lr=1e30", "optim.warmup_fraction=0",
@@ -80,6 +80,9 @@ def runs(suite, data, out):
 def sequence_formula(s) -> float:
     """(1/M) Σ_i L_i/N_i over the M documents with targets in global batch 0, from plain per-token CE
     of the initial model and the raw target masks (nothing from the loss code)."""
+    import numpy as np
+    import torch
+
     from megalong.attention.module import DocumentParams
     from megalong.data.batch import make_micro_batch
     from megalong.model.build import output_head
@@ -107,6 +110,8 @@ def sequence_formula(s) -> float:
 
 def sft_target_count(s) -> int:
     """Σ target mask over global batch 0 (prompts are masked; a conversation never starts on a target)."""
+    import numpy as np
+
     return int(sum(np.asarray(s.loader.datasets[d][i].target_mask).sum()
                    for d, i in s.loader.sample_ids(0, s.plan.global_batch_size)))
 
@@ -115,7 +120,12 @@ PROBES = {"sequence_1x8": sequence_formula, "sft": sft_target_count}
 
 
 def main(suite, data, out):
-    rank = int(dist.get_rank()) if dist.is_initialized() else 0
+    import torch.distributed as dist
+
+    from megalong.train import trainer
+    from megalong.train.config import load_run_config, plan_run
+
+    rank = 0
     results = {}
     for name, (recipe, overrides) in runs(suite, data, out).items():
         cfg = load_run_config(recipe, overrides)
