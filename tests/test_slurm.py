@@ -9,8 +9,12 @@ share the xdist group "slurm": run with `--dist loadgroup`); without root or apt
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -30,6 +34,7 @@ CPU_TRAIN = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0"]  # the GPU
 TINY = {"stage1": "train.steps=2 train.save_interval=0 logging.interval=1",
         "stage2": "train.steps=2 train.save_interval=0 logging.interval=1",
         "sft": "train.steps=2 train.save_interval=0 logging.interval=1"}
+HANG_S = 900  # a hang guard only (not a timing check): a loaded 2-core machine can be very slow
 TOKENIZER = {"type": "synthetic", "path": "-", "sha256": "-", "vocab_size": 256, "eod_id": 0, "bos_id": None}
 
 
@@ -69,10 +74,8 @@ def _write_docs(prefix: Path, docs: list[np.ndarray], masks=None) -> None:
         w.commit({"kind": "documents", "tokenizer": TOKENIZER, "source_name": prefix.name})
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
+def write_tiny_docs(root: Path) -> None:
     """Document datasets named as examples/data/tiny_*.yaml expect (random tokens, EOD = 0)."""
-    root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
 
     def docs(n, lo, hi):
@@ -87,7 +90,16 @@ def data_root(tmp_path_factory) -> Path:
     chats = docs(300, 100, 600)
     _write_docs(root / "docs" / "chats_sft", chats,
                 [np.r_[np.zeros(len(c) // 2, np.uint8), np.ones(len(c) - len(c) // 2, np.uint8)] for c in chats])
-    return root
+
+
+@contextlib.contextmanager
+def session_lock(path: Path):
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def job_env(**extra) -> dict[str, str]:
@@ -95,7 +107,7 @@ def job_env(**extra) -> dict[str, str]:
             "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **extra}
 
 
-def finished_ok(cluster: SlurmCluster, job: int, timeout_s: float = 240) -> tuple[dict, str]:
+def finished_ok(cluster: SlurmCluster, job: int, timeout_s: float = HANG_S) -> tuple[dict, str]:
     info = cluster.wait(job, timeout_s)
     log = Path(info["StdOut"]).read_text(errors="replace") if Path(info.get("StdOut", "")).is_file() else ""
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
@@ -164,7 +176,7 @@ def test_launcher_starts_a_two_process_gloo_group(cluster, tmp_path):
                           f"ml_header probe\nml_launch {probe}\n")
     job = cluster.sbatch(job_script, sbatch_args=["--nodes=1", "--ntasks-per-node=2", f"--output={tmp_path}/%j.out"],
                          env=job_env(MEGALONG_LAUNCHER=launcher), cwd=tmp_path)
-    info, log = finished_ok(cluster, job, 120)
+    info, log = finished_ok(cluster, job)
     assert sorted(re.findall(r"^rank (\d)/2 local (\d) sum 3$", log, re.M)) == [("0", "0"), ("1", "1")], log
     assert f"job {job} " in log and f"nodes 1: {cluster.host}" in log
     assert re.search(rf"launch: {launcher}, 1 node\(s\) × 2 processes = 2; rendezvous {cluster.host}:\d+", log), log
@@ -176,20 +188,30 @@ def _steps_logged(metrics: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def packed(cluster, data_root, tmp_path_factory) -> Path:
-    """slurm/pack.sh as a job: the tiny data recipes → {data_root}/packed/{stage1,stage2,sft}."""
-    logs = tmp_path_factory.mktemp("pack_logs")
-    ex = ROOT / "examples" / "data"
-    env = job_env(DATA_ROOT=str(data_root), PACK_ARGS="--no-plot --quiet",
-                  PACK_STAGES=" ".join(f"{s}={ex}/tiny_{s}.yaml" for s in ("stage1", "stage2", "sft")))
-    job = cluster.sbatch(ROOT / "slurm" / "pack.sh", sbatch_args=["--cpus-per-task=1", f"--output={logs}/%x-%j.out"],
-                         env=env, cwd=logs)
-    _, log = finished_ok(cluster, job, 180)
+def packed(cluster, tmp_path_factory) -> Path:
+    """slurm/pack.sh as a job: the tiny data recipes → {data}/packed/{stage1,stage2,sft}.
+
+    Made once per test session: under `pytest -n` a second worker (with its own cluster) waits for
+    the first one's data instead of packing it again."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    root, ex = shared / "slurm_tiny_data", ROOT / "examples" / "data"
+    with session_lock(shared / "slurm_tiny_data.lock"):
+        if not (root / "packed.done").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            write_tiny_docs(root)
+            env = job_env(DATA_ROOT=str(root), PACK_ARGS="--no-plot --quiet",
+                          PACK_STAGES=" ".join(f"{s}={ex}/tiny_{s}.yaml" for s in ("stage1", "stage2", "sft")))
+            job = cluster.sbatch(ROOT / "slurm" / "pack.sh", env=env, cwd=root,
+                                 sbatch_args=["--cpus-per-task=1", f"--output={root}/%x-%j.out"])
+            _, log = finished_ok(cluster, job)
+            for s in ("stage1", "stage2", "sft"):
+                assert f"pack {s}: {ex}/tiny_{s}.yaml (sources under {root}/docs) → {root}/packed/{s}" in log, log
+            (root / "packed.done").write_text(str(job))
     for s in ("stage1", "stage2", "sft"):
-        meta = json.loads((data_root / "packed" / f"{s}.meta.json").read_text())
+        meta = json.loads((root / "packed" / f"{s}.meta.json").read_text())
         assert meta["stage"] == f"tiny-{s}-" + ("4k" if s == "stage2" else "1k"), meta["stage"]
-        assert f"pack {s}: {ex}/tiny_{s}.yaml" in log
-    return data_root / "packed"
+    return root / "packed"
 
 
 def test_recipe_chain_stage1_stage2_sft_convert(cluster, packed, tmp_path):
@@ -213,7 +235,7 @@ def test_recipe_chain_stage1_stage2_sft_convert(cluster, packed, tmp_path):
     ids = [int(jobs[s]) for s in steps]
     for prev, nxt in zip(ids, ids[1:]):
         assert cluster.job(nxt)["Dependency"] in (f"afterok:{prev}(unfulfilled)", "(null)")  # null: already met
-    results = {s: finished_ok(cluster, int(jobs[s]), 300) for s in steps}
+    results = {s: finished_ok(cluster, int(jobs[s])) for s in steps}
 
     for s in ("stage1", "stage2", "sft"):
         save = {"stage1": ckpt / "stage1_64k", "stage2": ckpt / "stage2_512k", "sft": ckpt / "sft"}[s]
@@ -249,7 +271,7 @@ def test_preemption_signal_saves_requeues_and_resumes(cluster, packed, tmp_path)
                          "logging.interval=1",
                          sbatch_args=[*CPU_TRAIN, f"--output={tmp_path}/%x-%j.out"], env=env, cwd=tmp_path)
     log_path = tmp_path / f"megalong-stage1-{job}.out"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + HANG_S
     polls = 0
     while not re.search(r"^step 2/", log_path.read_text() if log_path.exists() else "", re.M):
         if polls % 10 == 0:  # the log every 0.1 s, the job state every second
@@ -259,7 +281,7 @@ def test_preemption_signal_saves_requeues_and_resumes(cluster, packed, tmp_path)
         polls += 1
         time.sleep(0.1)
     cluster.cancel(job, "USR1")
-    info, log = finished_ok(cluster, job, 240)
+    info, log = finished_ok(cluster, job)
 
     assert info["Restarts"] == "1", info
     assert log.count("launch: torchrun, 1 node(s) × 2 processes = 2") == 2, log

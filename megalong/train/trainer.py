@@ -157,6 +157,9 @@ def restore(s: Session) -> None:
                              "stage's save_dir or one of its iter_* directories")
         _check_shape(found, s.plan.model, "train.init_from")
         ckpt.load_checkpoint(found, s.chunks)
+        # bf16: the optimizer copied the (random) weights into fp32 main params when it was built
+        if hasattr(s.optimizer, "reload_model_params"):
+            s.optimizer.reload_model_params()
         s.logger.note(f"initialised weights from {found} (fresh optimizer and LR schedule)")
 
 
