@@ -2,10 +2,12 @@
 
 The GPU scripts run unmodified, with CPU overrides on the sbatch command line (`--nodes=1
 --ntasks-per-node=2 --gpus-per-node=0`) and tiny recipes in the environment: pack.sh packs the tiny
-data, the chain script runs stage 1 → stage 2 → SFT → convert with `--dependency=afterok`, and a
-stage preempted with `scancel --signal=USR1` saves, requeues itself and resumes from the saved step.
+data, the chain script runs stage 1 → stage 2 → SFT → convert with `--dependency=afterok`, and stage
+1, preempted with `scancel --signal=USR1`, saves, requeues itself and resumes from the saved step.
 Every job is followed by polling `scontrol show job`. One cluster serves the whole module (its tests
-share the xdist group "slurm": run with `--dist loadgroup`); without root or apt they skip and say why.
+are one module: `pytest -n 2 --dist loadscope` keeps them on one worker; with plain `-n 2` each
+worker starts its own cluster and they share the packed data); without root or apt they skip and say
+why.
 """
 from __future__ import annotations
 
@@ -25,15 +27,12 @@ import pytest
 
 from tests.slurm_cluster import FINAL_STATES, SlurmCluster, SlurmUnavailable, apt_install
 
-pytestmark = pytest.mark.xdist_group("slurm")
-
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((ROOT / "slurm").glob("*.sh"))
 TRAIN_SCRIPTS = ["stage1_64k.sh", "stage2_512k.sh", "sft.sh"]
 CPU_TRAIN = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0"]  # the GPU defaults, overridden
-TINY = {"stage1": "train.steps=2 train.save_interval=0 logging.interval=1",
-        "stage2": "train.steps=2 train.save_interval=0 logging.interval=1",
-        "sft": "train.steps=2 train.save_interval=0 logging.interval=1"}
+N_STEPS = {"stage1": 8, "stage2": 2, "sft": 2}  # stage 1 long enough to be signalled mid-run
+TINY = {s: f"train.steps={n} train.save_interval=0 logging.interval=1" for s, n in N_STEPS.items()}
 HANG_S = 900  # a hang guard only (not a timing check): a loaded 2-core machine can be very slow
 TOKENIZER = {"type": "synthetic", "path": "-", "sha256": "-", "vocab_size": 256, "eod_id": 0, "bos_id": None}
 
@@ -214,87 +213,80 @@ def packed(cluster, tmp_path_factory) -> Path:
     return root / "packed"
 
 
-def test_recipe_chain_stage1_stage2_sft_convert(cluster, packed, tmp_path):
+def wait_for_log_line(cluster: SlurmCluster, job: int, log_path: Path, pattern: str) -> None:
+    """Polls the job's log every 0.1 s (and its state every second) until a line matches."""
+    deadline, polls = time.monotonic() + HANG_S, 0
+    while not re.search(pattern, log_path.read_text() if log_path.exists() else "", re.M):
+        if polls % 10 == 0:
+            info = cluster.job(job)
+            assert info["JobState"] not in FINAL_STATES, f"{info}\n{cluster.job_log(info)}"
+            assert time.monotonic() < deadline, f"no line {pattern!r} in the log\n{cluster.job_log(info)}"
+        polls += 1
+        time.sleep(0.1)
+
+
+def test_recipe_chain_with_a_preempted_stage1(cluster, packed, tmp_path):
+    """run_recipe.sh stage1 → stage2 → sft → convert (afterok), trainers under torchrun; stage 1 gets
+    `scancel --signal=USR1` mid-run: it saves, requeues (same job id, so stage 2 keeps waiting) and
+    resumes at the next step; each later stage starts from the previous one's final checkpoint."""
     ckpt, logs = tmp_path / "ckpt", tmp_path / "logs"
     logs.mkdir()
     ex = ROOT / "examples"
     cpu_train = " ".join(CPU_TRAIN)
     env = job_env(
-        DATA_ROOT=str(packed.parent), CKPT_ROOT=str(ckpt), HF_OUT_DIR=str(tmp_path / "hf"),
-        STAGE1_CONFIG=str(ex / "tiny_stage1.yaml"), STAGE2_CONFIG=str(ex / "tiny_stage2.yaml"),
-        SFT_CONFIG=str(ex / "tiny_sft.yaml"), STAGE1_ARGS=TINY["stage1"], STAGE2_ARGS=TINY["stage2"],
-        SFT_ARGS=TINY["sft"], RECIPE_SBATCH_ARGS=f"--output={logs}/%x-%j.out",
-        RECIPE_SBATCH_ARGS_CONVERT="--cpus-per-task=1",
+        MEGALONG_LAUNCHER="torchrun", DATA_ROOT=str(packed.parent), CKPT_ROOT=str(ckpt),
+        HF_OUT_DIR=str(tmp_path / "hf"), STAGE1_CONFIG=str(ex / "tiny_stage1.yaml"),
+        STAGE2_CONFIG=str(ex / "tiny_stage2.yaml"), SFT_CONFIG=str(ex / "tiny_sft.yaml"),
+        STAGE1_ARGS=TINY["stage1"], STAGE2_ARGS=TINY["stage2"], SFT_ARGS=TINY["sft"],
+        RECIPE_SBATCH_ARGS=f"--output={logs}/%x-%j.out", RECIPE_SBATCH_ARGS_CONVERT="--cpus-per-task=1",
         RECIPE_SBATCH_ARGS_STAGE1=cpu_train, RECIPE_SBATCH_ARGS_STAGE2=cpu_train, RECIPE_SBATCH_ARGS_SFT=cpu_train)
     steps = ["stage1", "stage2", "sft", "convert"]
     proc = subprocess.run(["bash", str(ROOT / "slurm" / "run_recipe.sh"), *steps], capture_output=True, text=True,
                           env={**cluster.env, **env}, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    jobs = dict(line.split() for line in proc.stdout.splitlines())
+    jobs = {step: int(job) for step, job in (line.split() for line in proc.stdout.splitlines())}
     assert list(jobs) == steps
-    ids = [int(jobs[s]) for s in steps]
-    for prev, nxt in zip(ids, ids[1:]):
-        assert cluster.job(nxt)["Dependency"] in (f"afterok:{prev}(unfulfilled)", "(null)")  # null: already met
-    results = {s: finished_ok(cluster, int(jobs[s])) for s in steps}
+    for prev, nxt in zip(steps, steps[1:]):
+        assert cluster.job(jobs[nxt])["Dependency"] == f"afterok:{jobs[prev]}(unfulfilled)"
 
-    for s in ("stage1", "stage2", "sft"):
-        save = {"stage1": ckpt / "stage1_64k", "stage2": ckpt / "stage2_512k", "sft": ckpt / "sft"}[s]
-        n = int(re.search(r"train\.steps=(\d+)", TINY[s]).group(1))
+    stage1 = jobs["stage1"]
+    wait_for_log_line(cluster, stage1, logs / f"megalong-stage1-{stage1}.out", r"^step 2/")
+    cluster.cancel(stage1, "USR1")
+    results = {s: finished_ok(cluster, jobs[s]) for s in steps}
+
+    # stage 1: stopped on the signal, saved, requeued itself, resumed at the next step
+    info, log = results["stage1"]
+    save1, n1 = ckpt / "stage1_64k", N_STEPS["stage1"]
+    assert info["Restarts"] == "1", info
+    stopped = int(re.search(r"stopping after step (\d+)", log).group(1))
+    assert 2 <= stopped < n1, log
+    saved = save1 / f"iter_{stopped:07d}"
+    assert json.loads((saved / "megalong.json").read_text())["run_state"]["reason"] == "preempted"
+    assert f"requeueing job {stage1} (restart 1)" in log and f"job {stage1} name=megalong-stage1 restart=1" in log
+    assert f"checkpoints {save1}: resuming from iter_{stopped:07d}" in log
+    assert f"resumed from {saved} at step {stopped}" in log
+    assert json.loads((save1 / "summary.json").read_text())["resumed_from"] == str(saved)
+    assert log.count("launch: torchrun, 1 node(s) × 2 processes = 2") == 2, log
+
+    for s, save in (("stage1", save1), ("stage2", ckpt / "stage2_512k"), ("sft", ckpt / "sft")):
+        info, log = results[s]
+        n = N_STEPS[s]
         summary = json.loads((save / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["final_step"] == n, summary
         assert (save / "latest").read_text().strip() == f"iter_{n:07d}"
-        assert (save / f"iter_{n:07d}" / "megalong.json").is_file()
-        info, log = results[s]
+        # every step trained exactly once, across the requeue too
+        assert _steps_logged(save / "metrics.jsonl") == list(range(1, n + 1))
         # the log says which job, where, with what config, and where checkpoints and W&B files go
         assert f"job {info['JobId']} name=megalong-{s}" in log and f"nodes 1: {cluster.host}" in log
-        assert "launch: srun, 1 node(s) × 2 processes = 2" in log and "2 processes = TP1 × PP1 × CP1 × DP2" in log
+        assert "launch: torchrun, 1 node(s) × 2 processes = 2" in log and "TP1 × PP1 × CP1 × DP2" in log
         assert "# megalong.train resolved config" in log and f"save_dir: {save}" in log
         assert f"checkpoints {save}: none yet" in log and f"run files under {save}/wandb" in log
-        # tiny_stage1.yaml names held-out data; none was packed, so the script turned evaluation off
+        # the tiny recipes name no packed held-out data here, so the scripts turned evaluation off
         assert f"no held-out dataset at {packed}/{s}_heldout: evaluation off" in log
-        assert _steps_logged(save / "metrics.jsonl") == list(range(1, n + 1))
     # each stage starts from the previous stage's final checkpoint (weights only)
-    assert f"initialised weights from {ckpt / 'stage1_64k' / 'iter_0000002'}" in results["stage2"][1]
+    assert f"initialised weights from {save1 / f'iter_{n1:07d}'}" in results["stage2"][1]
     assert f"initialised weights from {ckpt / 'stage2_512k' / 'iter_0000002'}" in results["sft"][1]
     hf = tmp_path / "hf"
     config = json.loads((hf / "config.json").read_text())
     assert config["num_hidden_layers"] == 2 and config["rope_theta"] == pytest.approx(1.28e8)
     assert list(hf.glob("*.safetensors")), sorted(p.name for p in hf.iterdir())
-
-
-def test_preemption_signal_saves_requeues_and_resumes(cluster, packed, tmp_path):
-    """`scancel --signal=USR1` mid-run (through torchrun): save, requeue, resume from the saved step."""
-    save, steps = tmp_path / "ckpt" / "stage1", 12
-    env = job_env(MEGALONG_LAUNCHER="torchrun", STAGE1_CONFIG=str(ROOT / "examples" / "tiny_stage1.yaml"),
-                  STAGE1_DATA=str(packed / "stage1"), STAGE1_SAVE_DIR=str(save))
-    job = cluster.sbatch(ROOT / "slurm" / "stage1_64k.sh", f"train.steps={steps}", "train.save_interval=0",
-                         "logging.interval=1",
-                         sbatch_args=[*CPU_TRAIN, f"--output={tmp_path}/%x-%j.out"], env=env, cwd=tmp_path)
-    log_path = tmp_path / f"megalong-stage1-{job}.out"
-    deadline = time.monotonic() + HANG_S
-    polls = 0
-    while not re.search(r"^step 2/", log_path.read_text() if log_path.exists() else "", re.M):
-        if polls % 10 == 0:  # the log every 0.1 s, the job state every second
-            info = cluster.job(job)
-            assert info["JobState"] not in FINAL_STATES, f"{info}\n{cluster.job_log(info)}"
-            assert time.monotonic() < deadline, f"no training step logged\n{cluster.job_log(info)}"
-        polls += 1
-        time.sleep(0.1)
-    cluster.cancel(job, "USR1")
-    info, log = finished_ok(cluster, job)
-
-    assert info["Restarts"] == "1", info
-    assert log.count("launch: torchrun, 1 node(s) × 2 processes = 2") == 2, log
-    stopped = int(re.search(r"stopping after step (\d+)", log).group(1))
-    assert 2 <= stopped < steps, log
-    saved = save / f"iter_{stopped:07d}"
-    assert json.loads((saved / "megalong.json").read_text())["run_state"]["reason"] == "preempted"
-    assert f"requeueing job {job} (restart 1)" in log
-    assert f"job {job} name=megalong-stage1 restart=1" in log
-    assert f"checkpoints {save}: resuming from iter_{stopped:07d}" in log
-    assert f"resumed from {saved} at step {stopped}" in log
-    summary = json.loads((save / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["final_step"] == steps
-    assert summary["resumed_from"] == str(saved)
-    # the resumed run continued at the step after the saved one: no step trained twice, none skipped
-    assert _steps_logged(save / "metrics.jsonl") == list(range(1, steps + 1))
