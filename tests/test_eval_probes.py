@@ -20,8 +20,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from megalong.data.indexed import DatasetWriter
 from megalong.data.tokenizer import load_tokenizer
 from megalong.eval import recall as R
-from megalong.eval.common import (EvalError, check_lengths, check_tokenizer, default_lengths, find_tokenizer_record,
-                                  parse_depths, parse_lengths)
+from megalong.eval.common import (EvalError, check_lengths, check_tokenizer, checkpoint_tokenizer_record,
+                                  default_lengths, find_tokenizer_record, parse_depths, parse_lengths)
 from megalong.eval.perplexity import PositionBuckets, default_bucket_size, evaluate_perplexity, target_positions
 from megalong.eval.probes import parse_wandb_run, run_probes, wandb_payload
 from megalong.eval.recall import Haystack, PromptBuilder, RecallConfig, exact_match, extract_answer, needle_offset
@@ -311,6 +311,10 @@ def test_mismatched_tokenizer_is_refused(tok, docs, tmp_path):
     with pytest.raises(EvalError, match="tokenizer mismatch"):
         run_probes(ScriptedModel(), other, docs, [256], [0.5], tmp_path / "o", probes=["needle"], progress=False)
     assert find_tokenizer_record({"config": {"data": [{"tokenizer": tok.describe()}]}}) == tok.describe()
+    # a trainer's checkpoint names its packed datasets; their meta records the tokenizer
+    packed = write_packed(tmp_path / "packed", other, [(list(range(1, 9)), [8], [1] * 8)], 8)
+    assert checkpoint_tokenizer_record({"config": {"data": {"datasets": [{"path": packed}]}}}) == other.describe()
+    assert checkpoint_tokenizer_record({"config": {"data": {"datasets": [{"path": "/nowhere"}]}}}) is None
 
 
 # ---------------------------------------------------------------- the runner with scripted models

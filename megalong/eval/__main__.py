@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         _recall_args(p, needle=name == "needle")
         if name == "needle":
             p.add_argument("--data", help="document dataset for the haystack (same as --haystack)")
+        else:
+            p.add_argument("--data", help="accepted and not used (JsonKV needs no text), so that one command "
+                                          "line (e.g. slurm/eval.sh's) serves every probe")
     p = sub.add_parser("all", help="ppl + needle + jsonkv on one model (the built-in probe suite)")
     _model_args(p)
     _common_args(p)

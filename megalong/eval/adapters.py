@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from megalong.eval.common import EvalError, find_tokenizer_record
+from megalong.eval.common import EvalError, checkpoint_tokenizer_record
 
 DocLengths = Optional[Sequence[Sequence[int]]]
 
@@ -133,7 +133,7 @@ class MegalongModel:
         meta = load_checkpoint(found, [model])
         model.eval()
         return cls(model, cfg, name=name or f"{Path(path).name}", path=str(found),
-                   tokenizer_record=find_tokenizer_record(meta))
+                   tokenizer_record=checkpoint_tokenizer_record(meta))
 
     def _micro_batch(self, tokens: torch.Tensor, rows: list[list[int]]):
         from megalong.attention.module import DocumentParams
@@ -232,7 +232,7 @@ class HFModel:
         self._chunked = self.config.get("final_logit_softcapping") is None
 
     @torch.no_grad()
-    def _doc_losses(self, ids: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    def _doc_losses(self, ids: torch.Tensor, chunk_tokens: int = 2048) -> torch.Tensor:
         """CE [b, n-1] for rows of one document each."""
         ids = ids.to(self.device)
         if not self._chunked:
@@ -240,7 +240,7 @@ class HFModel:
             return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").cpu()
         hidden = self.model.get_decoder()(input_ids=ids).last_hidden_state
         head = self.model.get_output_embeddings()
-        out = []
+        out, chunk = [], max(1, chunk_tokens // ids.shape[0])  # ≤ chunk_tokens × vocab fp32 logits at once
         for a in range(0, ids.shape[1] - 1, chunk):
             b = min(a + chunk, ids.shape[1] - 1)
             logits = head(hidden[:, a:b]).float()

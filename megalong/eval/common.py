@@ -143,6 +143,28 @@ def find_tokenizer_record(meta: Any) -> dict | None:
     return None
 
 
+def checkpoint_tokenizer_record(meta: dict) -> dict | None:
+    """The tokenizer a checkpoint was trained with: a `tokenizer` entry in its megalong.json, else the
+    one recorded in the `.meta.json` of a training dataset its config names (data.datasets[].path)."""
+    import json
+    from pathlib import Path
+
+    found = find_tokenizer_record(meta)
+    if found is not None:
+        return found
+    datasets = (((meta.get("config") or {}).get("data") or {}).get("datasets")) or []
+    for entry in datasets if isinstance(datasets, list) else []:
+        path = Path(f"{entry.get('path', '')}.meta.json") if isinstance(entry, dict) else None
+        if path is not None and path.is_file():
+            try:
+                tok = json.loads(path.read_text()).get("tokenizer")
+            except ValueError:
+                continue
+            if isinstance(tok, dict) and tok.get("sha256"):
+                return tok
+    return None
+
+
 # ---------------------------------------------------------------- token documents from datasets
 
 

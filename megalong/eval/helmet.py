@@ -178,7 +178,8 @@ def check_export(hf_dir: str | Path, lengths: Sequence[int], max_length_override
         if len(tok) > int(cfg.get("vocab_size", 0)):
             problems.append(f"the tokenizer has {len(tok)} tokens but config.json vocab_size is {cfg.get('vocab_size')}")
     except Exception as e:  # transformers raises many types for a broken tokenizer
-        problems.append(f"transformers cannot load the tokenizer ({type(e).__name__}: {str(e)[:200]})")
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        problems.append(f"transformers cannot load the tokenizer ({type(e).__name__}: {first})")
     index = d / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
