@@ -10,7 +10,8 @@
 #   EVAL_MODEL      an HF folder (has config.json: --hf-dir) or a megalong checkpoint (--ckpt) [$HF_OUT_DIR]
 #   EVAL_DATA       held-out document or packed dataset prefix for ppl (and the recall haystack) [none]
 #   EVAL_OUT_DIR    results (JSON, plots) [$CKPT_ROOT/eval]
-#   EVAL_ARGS       extra flags for the command, word-split (see python -m megalong.eval COMMAND --help)
+#   EVAL_ARGS       extra flags for the command, word-split (see python -m megalong.eval COMMAND --help);
+#                   for compare: the ppl.json files to plot together (→ $EVAL_OUT_DIR/ppl_compare.png)
 #   plus slurm/common.sh's CKPT_ROOT, HF_OUT_DIR, MEGALONG_PYTHON.
 # CPU cluster: sbatch --gpus-per-node=0 --ntasks-per-node=1 slurm/eval.sh  (docs/slurm.md)
 #SBATCH --job-name=megalong-eval
@@ -34,9 +35,24 @@ model=${EVAL_MODEL:-$HF_OUT_DIR}
 out=${EVAL_OUT_DIR:-$CKPT_ROOT/eval}
 read -r -a extra <<<"${EVAL_ARGS:-}"
 ml_header "eval ($command)"
-if [[ -f $model/config.json ]]; then args=(--hf-dir "$model"); else args=(--ckpt "$model"); fi
-[[ -n ${EVAL_DATA:-} && $command != helmet && $command != compare ]] && args+=(--data "$EVAL_DATA")
-ml_log "evaluate $model → $out"
 mkdir -p "$out"
+if [[ $command == compare ]]; then
+    # compare plots earlier ppl.json results (given in EVAL_ARGS) on one figure; no model is loaded
+    (( ${#extra[@]} )) || { echo "EVAL_COMMAND=compare needs ppl.json files in EVAL_ARGS" >&2; exit 2; }
+    "$MEGALONG_PYTHON" -m megalong.eval compare --out "$out/ppl_compare.png" "${extra[@]}"
+    ml_log "plot in $out/ppl_compare.png"
+    exit 0
+fi
+if [[ -f $model/config.json ]]; then
+    args=(--hf-dir "$model")
+elif [[ $command == helmet ]]; then
+    echo "EVAL_COMMAND=helmet needs an HF export (a folder with config.json); $model is not one:" \
+         "run slurm/convert_to_hf.sh first or set EVAL_MODEL" >&2
+    exit 2
+else
+    args=(--ckpt "$model")
+fi
+[[ -n ${EVAL_DATA:-} && $command != helmet ]] && args+=(--data "$EVAL_DATA")
+ml_log "evaluate $model → $out"
 "$MEGALONG_PYTHON" -m megalong.eval "$command" "${args[@]}" --out "$out" "${extra[@]}"
 ml_log "results in $out"

@@ -9,6 +9,9 @@ The HF export is made by megalong.convert (tools/convert_checkpoint.py megalong-
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,7 @@ from megalong.eval.perplexity import evaluate_perplexity
 from megalong.eval.recall import Haystack, PromptBuilder, RecallConfig, evaluate_recall
 from tests.test_eval_probes import make_tokenizer, word_docs, write_documents
 
+ROOT = Path(__file__).resolve().parents[1]
 L = 128  # training length = the model's maximum
 # One-digit values: finding the one number in the haystack and copying it is learnable in ~150 CPU
 # steps; multi-digit values need induction heads, which form only after many hundreds of steps.
@@ -162,6 +166,14 @@ def test_cli_end_to_end_and_bad_inputs(world, capsys):
     assert eval_main(["compare", str(out / "cmp" / "ppl.json"), str(out / "ppl.json"), "--out",
                       str(out / "cmp.png")]) == 0
     capsys.readouterr()
+    # slurm/eval.sh outside SLURM: compare takes result files, helmet insists on an HF export
+    env = {**os.environ, "MEGALONG_PYTHON": sys.executable, "CKPT_ROOT": str(out / "sh"),
+           "EVAL_COMMAND": "compare", "EVAL_ARGS": f"{out / 'cmp' / 'ppl.json'} {out / 'ppl.json'}"}
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / "eval.sh")], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and (out / "sh" / "eval" / "ppl_compare.png").is_file(), proc.stderr
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / "eval.sh")], capture_output=True, text=True,
+                          env={**env, "EVAL_COMMAND": "helmet", "EVAL_MODEL": str(world["ckpt"])})
+    assert proc.returncode == 2 and "needs an HF export" in proc.stderr, proc.stderr
     rc = eval_main(["needle", "--hf-dir", str(world["hf"]), "--data", world["docs"], "--lengths", "256",
                     "--out", str(out / "x"), "--no-progress"])
     assert rc == 2 and "--max-length-override 256" in capsys.readouterr().err
