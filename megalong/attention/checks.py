@@ -138,3 +138,13 @@ def check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
             raise _fail(backend, f"{name}={int(given)} but the longest segment has {actual} tokens",
                         f"pass {name} >= {actual} (or None to derive it)")
     return seg
+
+
+def require_cuda_half(q: torch.Tensor, *, backend: str, kernel: str) -> None:
+    """The GPU kernels' common precondition: CUDA inputs in bf16/fp16 (CPU runs use the reference)."""
+    if q.device.type != "cuda":
+        raise _fail(backend, f"inputs are on {q.device} — {kernel} runs on CUDA only",
+                    "use model.attention_backend=reference (or auto) on CPU")
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise _fail(backend, f"dtype {q.dtype} — {kernel} takes bf16 or fp16",
+                    "cast q/k/v (or use attention backend flex)")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megalong.attention.checks import check_attention_inputs
+from megalong.attention.checks import check_attention_inputs, require_cuda_half
 
 MIN_BACKEND_VERSION = 90000  # ragged (THD) offsets need cuDNN 9
 RAGGED_STATS_MIN_VERSION = 90600  # TE uses ragged stats from 9.6 on
@@ -294,12 +294,7 @@ def cudnn_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_
                     softmax_scale=None):
     seg = check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  softmax_scale, backend="cudnn")
-    if q.device.type != "cuda":
-        raise ValueError(f"attention backend 'cudnn': inputs are on {q.device} — cuDNN runs on "
-                         "CUDA devices; use model.attention_backend=reference (or auto) on CPU")
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"attention backend 'cudnn': dtype {q.dtype} — cuDNN SDPA takes bf16 or "
-                         "fp16; cast q/k/v (or use attention backend flex)")
+    require_cuda_half(q, backend="cudnn", kernel="cuDNN SDPA")
     d = q.shape[2]
     if d % 8 != 0 or d > 256:
         raise ValueError(f"attention backend 'cudnn': head_dim {d} — cuDNN SDPA needs a multiple of "

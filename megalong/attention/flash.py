@@ -13,7 +13,7 @@ import importlib.util
 
 import torch
 
-from megalong.attention.checks import check_attention_inputs
+from megalong.attention.checks import check_attention_inputs, require_cuda_half
 
 MIN_VERSION = (2, 1)
 
@@ -39,12 +39,7 @@ def flash_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_
                     softmax_scale=None):
     seg = check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  softmax_scale, backend="flash_attn")
-    if q.device.type != "cuda":
-        raise ValueError(f"attention backend 'flash_attn': inputs are on {q.device} — flash-attn "
-                         "runs on CUDA only; use model.attention_backend=reference (or auto) on CPU")
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"attention backend 'flash_attn': dtype {q.dtype} — flash-attn takes bf16 "
-                         "or fp16; cast q/k/v (or use attention backend flex)")
+    require_cuda_half(q, backend="flash_attn", kernel="flash-attn")
     import flash_attn
     if _version(getattr(flash_attn, "__version__", "0")) < MIN_VERSION:
         raise ValueError(f"attention backend 'flash_attn': flash-attn {flash_attn.__version__} aligns "

@@ -15,7 +15,7 @@ import importlib.util
 
 import torch
 
-from megalong.attention.checks import check_attention_inputs
+from megalong.attention.checks import check_attention_inputs, require_cuda_half
 
 _modules: dict = {}
 
@@ -44,12 +44,7 @@ def te_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seq
                  softmax_scale=None):
     seg = check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  softmax_scale, backend="te")
-    if q.device.type != "cuda":
-        raise ValueError(f"attention backend 'te': inputs are on {q.device} — Transformer Engine "
-                         "runs on CUDA only; use model.attention_backend=reference (or auto) on CPU")
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"attention backend 'te': dtype {q.dtype} — TE fused attention takes bf16 "
-                         "or fp16; cast q/k/v (or use attention backend flex)")
+    require_cuda_half(q, backend="te", kernel="Transformer Engine fused attention")
     tq, h_q, d = q.shape
     scale = float(softmax_scale) if softmax_scale is not None else None
     attn = _module(h_q, k.shape[1], d, scale, "self" if seg.equal else "cross")

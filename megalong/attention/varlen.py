@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from megalong.attention.checks import check_attention_inputs
+from megalong.attention.checks import check_attention_inputs, require_cuda_half
 
 
 def available(device: torch.device) -> bool:
@@ -33,12 +33,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
                      softmax_scale=None):
     seg = check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  softmax_scale, backend="varlen")
-    if q.device.type != "cuda":
-        raise ValueError(f"attention backend 'varlen': inputs are on {q.device} — varlen_attn runs "
-                         "on CUDA only; use model.attention_backend=reference (or auto) on CPU")
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"attention backend 'varlen': dtype {q.dtype} — FlashAttention takes bf16 "
-                         "or fp16; cast q/k/v (or use attention backend flex)")
+    require_cuda_half(q, backend="varlen", kernel="varlen_attn (FlashAttention)")
     from torch.nn.attention.varlen import varlen_attn
     return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(),
                        cu_seqlens_q.to(device=q.device, dtype=torch.int32),

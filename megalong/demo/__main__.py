@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,6 +76,12 @@ class Demo:
             raise SystemExit(f"megalong.demo: step '{name}' failed (exit {proc.returncode}); last lines of {log}:\n"
                              + "\n".join(tail))
 
+    def sh_parallel(self, jobs: list[tuple[str, list]]) -> None:
+        """Runs independent single-threaded tools `nproc` at a time (each pays its own imports)."""
+        with ThreadPoolExecutor(max_workers=max(1, self.nproc)) as pool:
+            for fut in [pool.submit(self.sh, name, cmd) for name, cmd in jobs]:
+                fut.result()
+
     def torchrun(self, name: str, args: list[str]) -> None:
         self.sh(name, [sys.executable, "-m", "torch.distributed.run", "--standalone",
                        f"--nproc-per-node={self.nproc}", *args])
@@ -116,11 +123,12 @@ def build(demo: Demo) -> None:
 
     @demo.step("pack", "tools/pack_dataset.py: stage 1 (1K), held-out, stage 2 (4K), SFT")
     def _():
-        for name, recipe, extra in [("stage1", "pack_stage1.yaml", []),
-                                    ("stage1_heldout", "pack_stage1.yaml", ["--set", "seed=99", "--set", "total_tokens=16K"]),
-                                    ("stage2", "pack_stage2.yaml", []), ("sft", "pack_sft.yaml", [])]:
-            demo.sh(f"pack_{name}", [demo.py, "tools/pack_dataset.py", EXAMPLES / recipe, "--data-root", docs,
-                                     "--output", packed / name, "--quiet", *extra])
+        demo.sh_parallel([(f"pack_{name}", [demo.py, "tools/pack_dataset.py", EXAMPLES / recipe, "--data-root", docs,
+                                            "--output", packed / name, "--quiet", *extra])
+                          for name, recipe, extra in [
+                              ("stage1", "pack_stage1.yaml", []),
+                              ("stage1_heldout", "pack_stage1.yaml", ["--set", "seed=99", "--set", "total_tokens=16K"]),
+                              ("stage2", "pack_stage2.yaml", []), ("sft", "pack_sft.yaml", [])]])
         metas = {n: json.loads((packed / f"{n}.meta.json").read_text()) for n in ("stage1", "stage2", "sft")}
         return {n: {"samples": m.get("num_samples", m.get("samples")), "waste": m.get("waste")} for n, m in metas.items()}
 
@@ -163,10 +171,12 @@ def build(demo: Demo) -> None:
         res = {}
         sizes = (["--lengths", "256", "--depths", "0,1", "--samples", "1", "--num-docs", "2"] if demo.quick else
                  ["--lengths", "256,1K", "--depths", "0,0.5,1", "--samples", "2", "--num-docs", "4"])
-        for stage in ("stage1", "stage2", "sft"):
-            demo.sh(f"probes_{stage}", [demo.py, "-m", "megalong.eval", "all", "--ckpt", runs / stage, "--tokenizer",
-                                        tok, "--data", docs / "books_text_document", *sizes,
-                                        "--out", out / "probes" / stage, "--device", "cpu"])
+        stages = ("stage1", "stage2", "sft")
+        demo.sh_parallel([(f"probes_{stage}", [demo.py, "-m", "megalong.eval", "all", "--ckpt", runs / stage,
+                                               "--tokenizer", tok, "--data", docs / "books_text_document", *sizes,
+                                               "--out", out / "probes" / stage, "--device", "cpu"])
+                          for stage in stages])
+        for stage in stages:
             summary = out / "probes" / stage / "summary.json"
             res[stage] = json.loads(summary.read_text()) if summary.is_file() else {}
         return res
