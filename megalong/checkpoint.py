@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megalong.runtime import cpu_shim
+
 FORMAT_VERSION = 1
 META = "megalong.json"
 
@@ -128,6 +130,7 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: Sequence[torch.nn
     from megalong.config import to_dict
     from megalong.runtime.distributed import current_parallel_state
 
+    cpu_shim.prepare_checkpoint_writer()
     root = Path(root)
     final = iteration_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")

@@ -121,6 +121,30 @@ def _patch_megatron_rng() -> None:
     tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
 
+def prepare_checkpoint_writer() -> None:
+    """CPU only, called before the first save: megatron-core collects its checkpoint writers' results
+    through a multiprocessing Manager started with 'spawn' (to keep CUDA out of it); that fresh
+    interpreter imports torch to unpickle the first result, ~4 s of a 2-core machine per process.
+    Without CUDA there is nothing to keep out, so the Manager is forked (megatron forks its writer
+    processes the same way). An optimisation only: skipped if a release renames the function."""
+    import multiprocessing as mp
+
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+    except ImportError:
+        return
+    if not _APPLIED or not hasattr(fsa, "_get_write_results_queue") or getattr(fsa, "_megalong_forked", False):
+        return
+
+    def forked_results_queue():
+        if fsa._results_queue is None:
+            fsa._results_queue = mp.get_context("fork").Manager().Queue()
+        return fsa._results_queue
+
+    fsa._get_write_results_queue = forked_results_queue
+    fsa._megalong_forked = True
+
+
 # The megatron-core functions this shim replaces or relies on; check() verifies they still exist.
 _REQUIRED = [
     ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),
