@@ -12,7 +12,7 @@ from megalong.attention.context_parallel import local_token_index
 from megalong.attention.module import DocumentParams
 from megalong.data.batch import PackedSample, make_micro_batch
 from megalong.model.build import build_model, output_head
-from megalong.model.config import ModelConfig, RopeScaling, preset
+from megalong.model.config import RopeScaling, preset
 from megalong.model.head import chunked_cross_entropy
 from megalong.model.rope import inv_frequencies
 from megalong.runtime.distributed import ParallelConfig, init_distributed

@@ -4,9 +4,6 @@ One 4-process gloo launch runs every layout (process launches cost 5–9 s of im
 worker compares each against plain single-process autograd + torch AdamW on the same weights/data.
 """
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -78,18 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
+    from megalong.runtime.distributed import free_port
+
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-           "127.0.0.1", "--master-port", str(_free_port()), "-m", "megalong.convert.cli", *argv]
+           "127.0.0.1", "--master-port", str(free_port()), "-m", "megalong.convert.cli", *argv]
     print(f"launching {nproc} processes: torchrun --nproc-per-node {nproc} -m megalong.convert.cli ...", flush=True)
     return subprocess.run(cmd, env=env).returncode
 
@@ -105,9 +100,6 @@ def _collective(args, fn):
     if _world_size() % (args.tp * args.pp):
         from megalong.convert.hf_llama import ConversionError
         raise ConversionError(f"{_world_size()} processes are not a multiple of --tp {args.tp} × --pp {args.pp}")
-    if _world_size() == 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     init_distributed(ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp))
     try:
         return fn()

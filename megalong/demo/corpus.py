@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-import pkgutil
 import sysconfig
 from pathlib import Path
 

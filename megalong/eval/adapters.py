@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
@@ -69,12 +68,6 @@ def _mask_vocab(logits: torch.Tensor, vocab_limit: Optional[int]) -> torch.Tenso
     return logits
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ensure_single_process_megatron() -> None:
     """megatron's parallel state for one process (TP=PP=CP=1); a clear error under torchrun."""
     import torch.distributed as dist
@@ -86,8 +79,6 @@ def ensure_single_process_megatron() -> None:
             raise EvalError(f"megalong eval runs in one process, not under torchrun (WORLD_SIZE="
                             f"{os.environ['WORLD_SIZE']}); a checkpoint saved at any TP/PP is resharded "
                             "to one process on load — run `python -m megalong.eval ...` directly")
-        if "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(_free_port())  # concurrent evals must not share a port
         init_distributed(ParallelConfig())
     from megatron.core import parallel_state as mpu
 

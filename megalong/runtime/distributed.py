@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,13 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a local rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed(cfg: ParallelConfig, seed: int = 1234) -> ParallelState:
     """Initialises torch.distributed from torchrun/srun variables and megatron's model-parallel groups."""
     from megatron.core import parallel_state as mpu
@@ -63,13 +71,19 @@ def init_distributed(cfg: ParallelConfig, seed: int = 1234) -> ParallelState:
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if world == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        # a lone process (eval, conversion, a one-process run) rendezvouses with nobody: a fresh local
+        # port, never an inherited MASTER_PORT that a concurrent run may hold
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+    else:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        init_method = "env://"
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method=init_method, rank=rank,
+                                world_size=world, timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
     model_parallel = cfg.tensor_parallel * cfg.pipeline_parallel * cfg.context_parallel
     if world % model_parallel:
         raise ValueError(f"world size {world} is not divisible by TP×PP×CP = {cfg.tensor_parallel}×"

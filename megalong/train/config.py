@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from megalong.config import ConfigError, load_config, to_dict
+from megalong.config import ConfigError, load_config
 from megalong.data.loader import DataConfig, DatasetEntry
 from megalong.model.config import PRESETS, ModelConfig
 from megalong.optim import OptimConfig
