@@ -1,17 +1,12 @@
 """Launches a worker script under torchrun with gloo on CPU; fails with the workers' output."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from megalong.runtime.distributed import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(script, nproc: int, args=(), timeout: int = 600, env=None, check: bool = True):

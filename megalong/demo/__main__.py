@@ -95,7 +95,7 @@ def build(demo: Demo) -> None:
     out = demo.out
     raw, docs, packed, runs = out / "raw", out / "docs", out / "packed", out / "runs"
     tok = out / "tokenizer" / "tokenizer.json"
-    steps = {"stage1": 12 if demo.quick else 24, "stage2": 4 if demo.quick else 8, "sft": 4 if demo.quick else 8}
+    steps = {"stage1": 12 if demo.quick else 24, "stage2": 2 if demo.quick else 8, "sft": 2 if demo.quick else 8}
 
     @demo.step("corpus", "assemble a real corpus from this Python installation")
     def _():
