@@ -81,7 +81,7 @@ def hf_to_megalong(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1
     check_new_output(Path(out))
     if dist.is_initialized():
         dist.barrier()  # every rank checked the output before rank 0 creates it
-    model = build_model(cfg, tp=tp, pp=pp)
+    model = build_model(cfg, tp=tp, pp=pp, initialize=False)  # load_full_state sets every parameter
     n_params = len(list(model.parameters()))
     with tqdm(total=n_params, desc="hf -> megalong (rank 0's tensors)", unit="tensor",
               disable=not progress or _rank() != 0) as bar:

@@ -21,13 +21,14 @@ def layer_spec(cfg: ModelConfig):
 
 
 def build_model(cfg: ModelConfig, tp: int = 1, pp: int = 1, cp: int = 1, pre_process: bool | None = None,
-                post_process: bool | None = None, use_cpu_init: bool = True):
-    """One pipeline stage of the model for the current megatron parallel state."""
+                post_process: bool | None = None, use_cpu_init: bool = True, initialize: bool = True):
+    """One pipeline stage of the model for the current megatron parallel state. initialize=False skips
+    the random init (and its full-size fp32 temporaries) when every weight is loaded next."""
     from megatron.core import parallel_state as mpu
     from megatron.core.models.gpt import GPTModel
 
     cfg.validate(tp=tp, cp=cp, pp=pp)
-    tcfg = transformer_config(cfg, tp=tp, pp=pp, cp=cp, use_cpu_init=use_cpu_init)
+    tcfg = transformer_config(cfg, tp=tp, pp=pp, cp=cp, use_cpu_init=use_cpu_init, initialize=initialize)
     tcfg.megalong = cfg  # read by DocumentAttention (RoPE base/scaling, backend)
     if pre_process is None:
         pre_process = mpu.is_pipeline_first_stage()

@@ -112,8 +112,10 @@ def preset(name: str, **overrides) -> ModelConfig:
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
-def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, cp: int = 1, use_cpu_init: bool = True):
-    """The megatron-core TransformerConfig for a ModelConfig (Llama: RMSNorm, SwiGLU, no biases)."""
+def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, cp: int = 1, use_cpu_init: bool = True,
+                       initialize: bool = True):
+    """The megatron-core TransformerConfig for a ModelConfig (Llama: RMSNorm, SwiGLU, no biases).
+    initialize=False leaves weights uninitialised, for callers that overwrite every parameter."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megalong.runtime.compat import dataclass_supported
@@ -132,7 +134,7 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, cp: int = 1, 
         bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
-        sequence_parallel=False, use_cpu_initialization=use_cpu_init, perform_initialization=True,
+        sequence_parallel=False, use_cpu_initialization=use_cpu_init, perform_initialization=initialize,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
         calculate_per_token_loss=True, cross_entropy_loss_fusion=False,
         **recompute,
