@@ -24,7 +24,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "transformers", "matplotlib", "zstandard", "pyarrow",
+        "test": ["pytest", "pytest-xdist>=3.6", "transformers", "matplotlib", "zstandard", "pyarrow",
                  "gigatoken"],
         "data": ["zstandard", "pyarrow", "matplotlib", "gigatoken", "transformers"],
         "eval": ["transformers", "matplotlib"],

@@ -1,8 +1,10 @@
 """Suite-wide scheduling: the longest modules start first.
 
-`make test` runs `pytest -n 2 --dist loadscope`: each module stays on one worker (so module fixtures
-such as the SLURM cluster are made once) and modules are handed out in collection order. Starting
-the two longest ones (the quick demo, the SLURM chain) first keeps a worker from idling at the end.
+`make test` runs `pytest -n 2 --dist loadscope --no-loadscope-reorder`: each module stays on one worker
+(so module fixtures such as the SLURM cluster are made once) and modules are handed out in collection
+order (xdist's default reorder, by number of tests, would start the one-test demo module last).
+Starting the two longest ones (the quick demo, the SLURM chain) first keeps a worker from idling at
+the end.
 """
 LONGEST_FIRST = ["test_demo.py", "test_slurm.py", "test_parallel_parity.py", "test_train.py", "test_convert.py"]
 
