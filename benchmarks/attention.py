@@ -34,20 +34,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megalong.attention import available_backends, get_attention_fn  # noqa: E402
+from megalong.config import parse_int  # noqa: E402
 
 FORMULA = ("forward = 4·Hq·D·Σ(Lq·Lk − Lq²/2) (= 2·Hq·D·ΣL² when Lq = Lk); "
            "fwd+bwd = 3 × forward (DESIGN §9); tflops_fa: fwd+bwd = 3.5 × forward (flash-attn)")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def parse_tokens(text: str) -> int:
-    text = text.strip().upper()
-    scale = {"K": 1024, "M": 1024 * 1024}.get(text[-1:], 1)
-    return int(float(text[:-1] if scale > 1 else text) * scale)
-
-
 def parse_doc_len(text: str):
-    return None if text.strip().lower() in ("full", "one", "single") else parse_tokens(text)
+    return None if text.strip().lower() in ("full", "one", "single") else parse_int(text)
 
 
 def doc_lengths(total: int, mean, dist: str, rng: random.Random) -> list[int]:
@@ -302,7 +297,7 @@ def main(argv=None) -> int:
         for knob in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, 256)
-    seq_lens = [parse_tokens(s) for s in args.seq_lens.split(",")]
+    seq_lens = [parse_int(s) for s in args.seq_lens.split(",")]
     doc_lens = [parse_doc_len(s) for s in args.doc_lens.split(",")]
     rng = random.Random(args.seed)
     from tqdm import tqdm

@@ -27,13 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-
-def parse_tokens(text: str) -> int:
-    """64K, 512K, 8192, 1M → tokens (K = 1024)."""
-    text = str(text).strip().upper()
-    scale = {"K": 1024, "M": 1024 * 1024}.get(text[-1:], 1)
-    return int(float(text[:-1] if scale > 1 else text) * scale)
+from megalong.config import parse_int  # noqa: E402
 
 
 class SyntheticBatches:
@@ -75,7 +69,7 @@ def build_config(args):
     cfg.logging.wandb = False
     if not args.real_data:
         cfg.data.datasets = []
-        cfg.data.seq_length = parse_tokens(args.seq_len) if args.seq_len else (cfg.data.seq_length or 1024)
+        cfg.data.seq_length = parse_int(args.seq_len) if args.seq_len else (cfg.data.seq_length or 1024)
         cfg.eval.datasets = []
     return cfg
 
@@ -115,7 +109,7 @@ def main(argv=None) -> int:
     cfg.train.micro_batch_size, cfg.train.steps, cfg.train.total_tokens = m, args.warmup + args.steps, None
     plan = plan_run(cfg, check_data=args.real_data)
     ps = init_distributed(cfg.parallel, seed=cfg.train.seed)
-    loader = None if args.real_data else SyntheticBatches(plan.seq_length, parse_tokens(args.doc_len),
+    loader = None if args.real_data else SyntheticBatches(plan.seq_length, parse_int(args.doc_len),
                                                           plan.model.vocab_size, cfg.data.loss_mode)
     s = trainer.build(cfg, plan, ps, loader=loader)
     G, S = plan.global_batch_size, plan.seq_length
@@ -138,7 +132,7 @@ def main(argv=None) -> int:
     l_eff = float(np.mean(l_effs))
     peak = args.peak_tflops or cfg.logging.peak_tflops or default_peak_tflops(ps.device)
     result = {
-        "model": plan.model.name, "seq_len": S, "doc_len": None if args.real_data else parse_tokens(args.doc_len),
+        "model": plan.model.name, "seq_len": S, "doc_len": None if args.real_data else parse_int(args.doc_len),
         "layout": f"TP{tp} PP{pp} CP{cp} DP{ps.dp}", "world_size": ps.world_size, "global_batch": G,
         "micro_batch_size": m, "micro_batches": M, "recompute": plan.model.recompute,
         "dtype": plan.model.params_dtype, "attention_backend": plan.model.attention_backend,

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megalong.model.layout import unwrap
 from megalong.runtime import cpu_shim
 
 FORMAT_VERSION = 1
@@ -67,16 +68,8 @@ def model_config_from_checkpoint(path: str | Path):
     return from_dict(ModelConfig, read_meta(path)["model"], f"{path}/{META}:model")
 
 
-def _unwrap(chunk):
-    """The GPTModel inside DDP/Float16 wrappers: keys never depend on wrapping (converted checkpoints
-    and trainer checkpoints must match), as Megatron-LM's unwrap_model does before saving."""
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 def _model_sharded_state(model_chunks) -> dict:
-    chunks = [_unwrap(c) for c in model_chunks]
+    chunks = [unwrap(c) for c in model_chunks]
     if len(chunks) == 1:
         return {"model": chunks[0].sharded_state_dict()}
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
@@ -190,14 +183,17 @@ def load_checkpoint(path: str | Path, model_chunks: Sequence[torch.nn.Module], *
     if optimizer is not None:
         template["optimizer"] = _optimizer_state(optimizer, template, is_loading=True)
     loaded = dist_checkpointing.load(template, str(found))
-    chunks = [_unwrap(c) for c in model_chunks]
+    chunks = [unwrap(c) for c in model_chunks]
     if len(chunks) == 1:
         chunks[0].load_state_dict(loaded["model"], strict=False)
     else:
         for i, c in enumerate(chunks):
             c.load_state_dict(loaded[f"model{i}"], strict=False)
     if optimizer is not None:
+        from megalong.runtime.compat import unshare_adam_steps
+
         optimizer.load_state_dict(loaded["optimizer"])
+        unshare_adam_steps(optimizer)
     if scheduler is not None and meta.get("scheduler"):
         scheduler.load_state_dict(meta["scheduler"])
     rng_file = found / "rng" / f"rank{_rank()}.pt"

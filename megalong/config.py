@@ -84,7 +84,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         if isinstance(value, str):
             try:
-                value = float(value.replace("_", "")) if tp is float else _parse_int(value)
+                value = float(value.replace("_", "")) if tp is float else parse_int(value)
             except ValueError:
                 raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
         if tp is int and isinstance(value, float):
@@ -99,7 +99,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def _parse_int(text: str) -> int:
+def parse_int(text: str) -> int:
     """Accepts 65536, 64K, 512k, 1M, 4_000_000 and 1e6 (sizes and token counts read naturally)."""
     t = text.strip().replace("_", "")
     mult = {"k": 1024, "m": 1024**2, "g": 1024**3}.get(t[-1:].lower())

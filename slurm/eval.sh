@@ -38,7 +38,7 @@ ml_header "eval ($command)"
 mkdir -p "$out"
 if [[ $command == compare ]]; then
     # compare plots earlier ppl.json results (given in EVAL_ARGS) on one figure; no model is loaded
-    (( ${#extra[@]} )) || { echo "EVAL_COMMAND=compare needs ppl.json files in EVAL_ARGS" >&2; exit 2; }
+    (( ${#extra[@]} )) || ml_die "EVAL_COMMAND=compare needs ppl.json files in EVAL_ARGS"
     "$MEGALONG_PYTHON" -m megalong.eval compare --out "$out/ppl_compare.png" "${extra[@]}"
     ml_log "plot in $out/ppl_compare.png"
     exit 0
@@ -46,9 +46,8 @@ fi
 if [[ -f $model/config.json ]]; then
     args=(--hf-dir "$model")
 elif [[ $command == helmet ]]; then
-    echo "EVAL_COMMAND=helmet needs an HF export (a folder with config.json); $model is not one:" \
-         "run slurm/convert_to_hf.sh first or set EVAL_MODEL" >&2
-    exit 2
+    ml_die "EVAL_COMMAND=helmet needs an HF export (a folder with config.json); $model is not one:" \
+           "run slurm/convert_to_hf.sh first or set EVAL_MODEL"
 else
     args=(--ckpt "$model")
 fi

@@ -39,26 +39,28 @@ workers=${PREPROCESS_WORKERS:-${SLURM_CPUS_PER_TASK:-$(nproc)}}
 out=$DATA_ROOT/docs
 mkdir -p "$out"
 read -r -a common_args <<<"${PREPROCESS_ARGS:-}"
+tokenizer_args=(--tokenizer-type "${TOKENIZER_TYPE:-HuggingFaceTokenizer}" --tokenizer-model "$TOKENIZER_MODEL"
+                --workers "$workers")
+split_pair() {  # $1: the variable's name (for the error), $2: one NAME=INPUT word → $name, $input
+    name=${2%%=*} input=${2#*=}
+    [[ $name != "$2" && $name =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] ||
+        ml_die "$1: '$2' is not NAME=INPUT (NAME: letters, digits, _)"
+}
 for pair in ${PREPROCESS_SOURCES:-}; do
-    name=${pair%%=*} input=${pair#*=}
-    [[ $name != "$pair" && $name =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] ||
-        ml_die "PREPROCESS_SOURCES: '$pair' is not NAME=INPUT (NAME: letters, digits, _)"
+    split_pair PREPROCESS_SOURCES "$pair"
     per_source=PREPROCESS_ARGS_$name
     read -r -a source_args <<<"${!per_source:-}"
     ml_log "source $name: $input → $out/${name}_text_document"
     # shellcheck disable=SC2086  # $input may be a glob the tool expands itself
     "$MEGALONG_PYTHON" "$MEGALONG_ROOT/tools/preprocess_data.py" --input $input --output-prefix "$out/$name" \
-        --source-name "$name" --tokenizer-type "${TOKENIZER_TYPE:-HuggingFaceTokenizer}" \
-        --tokenizer-model "$TOKENIZER_MODEL" --workers "$workers" "${common_args[@]}" "${source_args[@]}"
+        --source-name "$name" "${tokenizer_args[@]}" "${common_args[@]}" "${source_args[@]}"
 done
 read -r -a sft_args <<<"${PREPARE_SFT_ARGS:---template llama3 --max-length 64K}"
 for pair in ${SFT_SOURCES:-}; do
-    name=${pair%%=*} input=${pair#*=}
-    [[ $name != "$pair" ]] || ml_die "SFT_SOURCES: '$pair' is not NAME=INPUT"
+    split_pair SFT_SOURCES "$pair"
     ml_log "SFT source $name: $input → $out/${name}_sft"
     # shellcheck disable=SC2086
     "$MEGALONG_PYTHON" "$MEGALONG_ROOT/tools/prepare_sft.py" --input $input --output-prefix "$out/${name}_sft" \
-        --source-name "$name" --tokenizer-type "${TOKENIZER_TYPE:-HuggingFaceTokenizer}" \
-        --tokenizer-model "$TOKENIZER_MODEL" --workers "$workers" "${sft_args[@]}"
+        --source-name "$name" "${tokenizer_args[@]}" "${sft_args[@]}"
 done
 ml_log "document datasets in $out"

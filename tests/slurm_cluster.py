@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional
 
+from megalong.runtime.distributed import free_port
+
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo", "munged", "mungekey"]
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -84,12 +86,6 @@ def apt_install(packages: list[str], binaries: list[str]) -> None:
     missing = _which_all(binaries)
     if missing:
         raise SlurmUnavailable(f"installed {' '.join(packages)} but {', '.join(missing)} still missing")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _alive(pid: int) -> bool:

@@ -255,7 +255,7 @@ def test_benchmark_flop_count_and_document_lengths():
     assert bench.doc_lengths(100, None, "equal", random.Random(0)) == [100]
     mixed = bench.doc_lengths(65536, 8192, "uniform", random.Random(0))
     assert sum(mixed) == 65536 and min(mixed) >= 1
-    assert bench.parse_tokens("64K") == 65536 and bench.parse_doc_len("full") is None
+    assert bench.parse_int("64K") == 65536 and bench.parse_doc_len("full") is None
 
 
 def test_benchmark_smoke_run_writes_finite_numbers(tmp_path):

@@ -1,8 +1,6 @@
 """Loader: blended deterministic order, DP slicing, exact resume, epochs, sorted batching."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,31 +9,17 @@ import torch
 import yaml
 
 from megalong.config import ConfigError, from_dict
-from megalong.data.indexed import DatasetWriter
 from megalong.data.loader import Blend, DataConfig, GlobalBatchLoader
 from megalong.data.packed_dataset import PackedDataset
+from tests import datasets
+from tests.datasets import load_tool
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = {"type": "hf", "path": "/x", "sha256": "ab", "vocab_size": 50_000, "eod_id": 3, "bos_id": None}
 SEQ = 128
 
 
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def write_documents(prefix: Path, docs: list[np.ndarray], masks: list[np.ndarray] | None = None) -> None:
-    with DatasetWriter(prefix, np.uint16) as w:
-        w.add_documents(np.concatenate(docs), np.array([len(d) for d in docs]))
-        if masks is not None:
-            with DatasetWriter(str(prefix) + "_loss", np.uint8) as lw:
-                lw.add_documents(np.concatenate(masks), np.array([len(m) for m in masks]))
-                lw.commit({"kind": "loss_mask"})
-        w.commit({"kind": "documents", "tokenizer": TOKENIZER})
+    datasets.write_documents(prefix, docs, masks, tokenizer=TOKENIZER)
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,7 @@
 """Packing: best-fit-decreasing, recipe → packed dataset invariants, shares, determinism, errors."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,22 +9,15 @@ import pytest
 import yaml
 
 from megalong.config import ConfigError, from_dict
-from megalong.data.indexed import DatasetWriter
 from megalong.data.packed_dataset import DatasetError, PackedDataset
 from megalong.data.packing import SourceDocs, achieved_shares, best_fit_decreasing, plan_packing
 from megalong.data.recipe import Recipe, load_recipe, validate_recipe
+from tests import datasets
+from tests.datasets import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = {"type": "hf", "path": "/x/tokenizer.json", "sha256": "ab", "vocab_size": 1 << 24,
              "eod_id": 0, "bos_id": None}
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses in the tool look their module up
-    spec.loader.exec_module(mod)
-    return mod
 
 
 pack_tool = load_tool("pack_dataset")
@@ -34,15 +25,7 @@ pack_tool = load_tool("pack_dataset")
 
 def write_documents(prefix: Path, docs: list[np.ndarray], masks: list[np.ndarray] | None = None,
                     tokenizer: dict = TOKENIZER) -> None:
-    """A document dataset (+ `_loss` sibling when masks are given) as preprocessing writes it."""
-    dtype = np.int32 if tokenizer["vocab_size"] >= 65500 else np.uint16
-    with DatasetWriter(prefix, dtype) as w:
-        w.add_documents(np.concatenate(docs), np.array([len(d) for d in docs]))
-        if masks is not None:
-            with DatasetWriter(str(prefix) + "_loss", np.uint8) as lw:
-                lw.add_documents(np.concatenate(masks), np.array([len(m) for m in masks]))
-                lw.commit({"kind": "loss_mask"})
-        w.commit({"kind": "documents", "tokenizer": tokenizer, "source_name": prefix.name})
+    datasets.write_documents(prefix, docs, masks, tokenizer=tokenizer)
 
 
 def traceable_source(prefix: Path, lengths, start: int) -> list[np.ndarray]:

@@ -1,9 +1,7 @@
 """SFT: chat templates with an exact assistant-only mask, truncation, bad records, LongAlign weights."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ from megalong.data.batch import make_micro_batch
 from megalong.data.sft import (LLAMA3_EOT, REASONS, BadRecord, SFTFormatter, fit_length, llama3_runs,
                                validate_messages)
 from megalong.data.tokenizer import load_tokenizer
+from tests.datasets import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -30,14 +29,6 @@ CHAT = [{"role": "system", "content": "You are terse."},
         {"role": "assistant", "content": " Six, of course. "}]
 CORPUS = ["You are terse. What is two plus two? Four. And three plus three? Six, of course.",
           "system user assistant the a of and is plus two three four six", "hello world " * 5]
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses in the tool look their module up
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def train_tokenizer(directory: Path, specials: list[str], chat_template: str | None = None) -> Path:

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.slurm_cluster import FINAL_STATES, SlurmCluster, SlurmUnavailable, apt_install
+from tests.slurm_cluster import BINARIES, FINAL_STATES, PACKAGES, SlurmCluster, SlurmUnavailable, apt_install
+from tests.datasets import write_documents
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((ROOT / "slurm").glob("*.sh"))
@@ -49,8 +50,7 @@ def skip_because(reason: str):
 def cluster(tmp_path_factory):
     c = None
     try:
-        apt_install(["slurmctld", "slurmd", "slurm-client", "munge"],
-                    ["slurmctld", "slurmd", "sbatch", "scontrol", "munged", "mungekey"])
+        apt_install(PACKAGES, BINARIES)
         c = SlurmCluster(tmp_path_factory.mktemp("slurm"))
         c.start()  # installed but not starting is a failure (ClusterError), not a skip
         yield c
@@ -62,15 +62,7 @@ def cluster(tmp_path_factory):
 
 
 def _write_docs(prefix: Path, docs: list[np.ndarray], masks=None) -> None:
-    from megalong.data.indexed import DatasetWriter
-
-    with DatasetWriter(prefix, np.uint16) as w:
-        w.add_documents(np.concatenate(docs), np.array([len(d) for d in docs]))
-        if masks is not None:
-            with DatasetWriter(str(prefix) + "_loss", np.uint8) as lw:
-                lw.add_documents(np.concatenate(masks), np.array([len(m) for m in masks]))
-                lw.commit({"kind": "loss_mask"})
-        w.commit({"kind": "documents", "tokenizer": TOKENIZER, "source_name": prefix.name})
+    write_documents(prefix, docs, masks, tokenizer=TOKENIZER)
 
 
 def write_tiny_docs(root: Path) -> None:

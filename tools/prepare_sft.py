@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 import megalong  # noqa: E402
-from megalong.config import ConfigError, _parse_int  # noqa: E402
+from megalong.config import ConfigError, parse_int  # noqa: E402
 from megalong.data.indexed import META_SUFFIX, DatasetWriter, is_complete, token_dtype  # noqa: E402
 from megalong.data.packing import LOSS_SUFFIX  # noqa: E402
 from megalong.data.readers import InputError, default_source_name, expand_inputs, iter_blocks  # noqa: E402
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "HF tokenizer directory via transformers (default: llama3)")
     p.add_argument("--chat-template-dir", metavar="DIR",
                    help="HF tokenizer directory holding the chat_template (default: --tokenizer-model)")
-    p.add_argument("--max-length", type=_parse_int, metavar="N",
+    p.add_argument("--max-length", type=parse_int, metavar="N",
                    help="longest example in tokens, e.g. 64K (default: no limit; the packer applies the "
                         "recipe's lengths)")
     p.add_argument("--overflow", default="truncate_left", choices=["truncate_left", "drop"],

@@ -89,17 +89,13 @@ def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
     return subprocess.run(cmd, env=env).returncode
 
 
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-
-
 def _collective(args, fn):
     """Runs fn() with megatron's parallel state at (tp, pp) and tears it down afterwards."""
-    from megalong.runtime.distributed import ParallelConfig, destroy_distributed, init_distributed
+    from megalong.runtime.distributed import ParallelConfig, destroy_distributed, env_world_size, init_distributed
 
-    if _world_size() % (args.tp * args.pp):
+    if env_world_size() % (args.tp * args.pp):
         from megalong.convert.hf_llama import ConversionError
-        raise ConversionError(f"{_world_size()} processes are not a multiple of --tp {args.tp} × --pp {args.pp}")
+        raise ConversionError(f"{env_world_size()} processes are not a multiple of --tp {args.tp} × --pp {args.pp}")
     init_distributed(ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp))
     try:
         return fn()
@@ -107,24 +103,19 @@ def _collective(args, fn):
         destroy_distributed()
 
 
-def _is_rank0() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _hf_to_megalong(args, argv) -> int:
-    from megalong.convert.convert import check_new_output, prepare_hf
+    from megalong.convert.convert import check_new_output, hf_to_megalong, prepare_hf
+    from megalong.runtime.distributed import env_rank, env_world_size
 
-    if _world_size() == 1:  # check everything before starting processes
+    if env_world_size() == 1 and args.tp * args.pp > 1:  # check everything before starting processes
         prepare_hf(args.hf_dir, args.dtype, args.allow_unsafe_bin, args.tp, args.pp)
         check_new_output(Path(args.out))
-        if args.tp * args.pp > 1:
-            return _relaunch_under_torchrun(args.tp * args.pp, argv)
-    from megalong.convert.convert import hf_to_megalong
+        return _relaunch_under_torchrun(args.tp * args.pp, argv)
 
     t0 = time.time()
     path = _collective(args, lambda: hf_to_megalong(args.hf_dir, args.out, args.tp, args.pp, args.dtype,
                                                     args.allow_unsafe_bin, not args.no_progress))
-    if _is_rank0():
+    if env_rank() == 0:
         print(json.dumps({"converted": str(args.hf_dir), "checkpoint": str(path), "tp": args.tp, "pp": args.pp,
                           "seconds": round(time.time() - t0, 1)}))
         print(f"done: start training from it with train.init_from={args.out}")
@@ -148,16 +139,16 @@ def _megalong_to_hf(args) -> int:
 
 def _verify(args, argv) -> int:
     from megalong.convert.convert import verify, verify_inputs
+    from megalong.runtime.distributed import env_rank, env_world_size
 
-    if _world_size() == 1:  # check the inputs before starting processes
+    if env_world_size() == 1 and args.tp * args.pp > 1:  # check the inputs before starting processes
         verify_inputs(args.hf_dir, args.ckpt, args.tp, args.pp, args.dtype)
-        if args.tp * args.pp > 1:
-            return _relaunch_under_torchrun(args.tp * args.pp, argv)
+        return _relaunch_under_torchrun(args.tp * args.pp, argv)
 
     diff = _collective(args, lambda: verify(args.hf_dir, args.ckpt, args.tp, args.pp, args.dtype, args.batch,
                                             args.seq_len, args.seed))
     ok = diff <= args.tolerance
-    if _is_rank0():
+    if env_rank() == 0:
         print(f"max |logit difference| = {diff:.3e} over {args.batch}x{args.seq_len} tokens "
               f"(TP{args.tp} PP{args.pp}, {args.dtype}); tolerance {args.tolerance:.1e}: {'OK' if ok else 'FAILED'}")
     return 0 if ok else 1

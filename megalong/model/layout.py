@@ -68,7 +68,9 @@ def to_local_name(name: str, pp_rank: int, layers_per_stage: int) -> str | None:
     return f"decoder.layers.{i}.{name[m.end():]}"
 
 
-def _unwrap(model):
+def unwrap(model):
+    """The GPTModel inside DDP/Float16 wrappers: checkpoint keys never depend on wrapping (converted
+    and trainer checkpoints must match), as Megatron-LM's unwrap_model does before saving."""
     while hasattr(model, "module"):
         model = model.module
     return model
@@ -78,7 +80,7 @@ def gather_full_state(model, what: str = "param", tied: bool = False) -> dict[st
     """Full TP1/PP1 parameters (or their gradients, `what="grad"`) on every rank (small models)."""
     from megatron.core import parallel_state as mpu
 
-    m = _unwrap(model)
+    m = unwrap(model)
     tp, pp = mpu.get_tensor_model_parallel_world_size(), mpu.get_pipeline_model_parallel_world_size()
     pp_rank = mpu.get_pipeline_model_parallel_rank()
     per_stage = m.config.num_layers // pp
@@ -112,7 +114,7 @@ def load_full_state(model, full: dict[str, torch.Tensor], tied: bool = False) ->
     """Copies full TP1/PP1 tensors into this rank's shards; errors name missing or mis-shaped keys."""
     from megatron.core import parallel_state as mpu
 
-    m = _unwrap(model)
+    m = unwrap(model)
     tp, pp = mpu.get_tensor_model_parallel_world_size(), mpu.get_pipeline_model_parallel_world_size()
     tp_rank, pp_rank = mpu.get_tensor_model_parallel_rank(), mpu.get_pipeline_model_parallel_rank()
     per_stage = m.config.num_layers // pp

@@ -70,6 +70,19 @@ def prepare_optimizer_for_load(optimizer) -> None:
         _keep_step_when_loading(opt)
 
 
+def unshare_adam_steps(optimizer) -> None:
+    """After loading: megatron-core without Apex/TE loads the distributed optimizer's Adam 'step' as ONE
+    tensor shared by every parameter's state; torch Adam increments it in place once per parameter, so
+    each parameter got a different bias correction. Give every state its own copy (bit-exact resume)."""
+    import torch
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for st in (inner.state.values() if inner is not None else ()):
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
+
+
 def _keep_step_when_loading(opt) -> None:
     """megatron-core 0.16 without apex/TE: loading a fully_reshardable distributed-optimizer state
     copies every per-param state key from the checkpoint, 'step' included, which the checkpoint keeps

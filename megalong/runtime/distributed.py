@@ -46,9 +46,19 @@ class ParallelState:
 
 def _env_int(*names: str, default: int) -> int:
     for n in names:
-        if n in os.environ:
+        if os.environ.get(n):
             return int(os.environ[n])
     return default
+
+
+def env_rank() -> int:
+    """This process's global rank as torchrun (RANK) or srun (SLURM_PROCID) gives it; 0 when alone."""
+    return _env_int("RANK", "SLURM_PROCID", default=0)
+
+
+def env_world_size() -> int:
+    """The number of processes as torchrun (WORLD_SIZE) or srun (SLURM_NTASKS) gives it; 1 when alone."""
+    return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
 
 
 def free_port() -> int:
@@ -68,8 +78,7 @@ def init_distributed(cfg: ParallelConfig, seed: int = 1234) -> ParallelState:
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         cpu_shim.apply()
-    rank = _env_int("RANK", "SLURM_PROCID", default=0)
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    rank, world = env_rank(), env_world_size()
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
     if world == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         # a lone process (eval, conversion, a one-process run) rendezvouses with nobody: a fresh local

@@ -9,7 +9,6 @@ SIGTERM/SIGUSR1 or `train.exit_duration_minutes` (a checkpoint was saved); 2 bad
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 EPILOG = """examples:
@@ -36,7 +35,9 @@ def main(argv=None) -> int:
     from megalong.config import ConfigError, dump_yaml
     from megalong.train.config import load_run_config, plan_run
 
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    from megalong.runtime.distributed import env_rank
+
+    rank = env_rank()
     try:
         cfg = load_run_config(args.config, args.overrides)
         plan = plan_run(cfg)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from megalong.config import ConfigError, load_config
 from megalong.data.loader import DataConfig, DatasetEntry
 from megalong.model.config import PRESETS, ModelConfig
 from megalong.optim import OptimConfig
-from megalong.runtime.distributed import ParallelConfig
+from megalong.runtime.distributed import ParallelConfig, env_world_size
 
 
 class _Unset:
@@ -144,13 +143,6 @@ def load_run_config(path: str | Path | None, overrides=()) -> RunConfig:
     return cfg
 
 
-def world_size_from_env() -> int:
-    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(name):
-            return int(os.environ[name])
-    return 1
-
-
 def _dataset_meta(path: str, key: str) -> dict:
     from megalong.data.indexed import IncompleteDatasetError, read_meta
 
@@ -182,7 +174,7 @@ def _seq_length(cfg: RunConfig, entries, where: str) -> Optional[int]:
 
 def plan_run(cfg: RunConfig, world_size: Optional[int] = None, check_data: bool = True) -> RunPlan:
     """Checks the whole config against the world size; raises ConfigError saying what to change."""
-    world = world_size or world_size_from_env()
+    world = world_size or env_world_size()
     par, tr = cfg.parallel, cfg.train
     model = resolve_model(cfg.model)
     for key in ("tensor_parallel", "pipeline_parallel", "context_parallel"):

@@ -142,7 +142,6 @@ def restore(s: Session) -> None:
         except AssertionError as e:  # megatron's scheduler refuses a changed LR schedule
             raise SetupError(f"cannot resume from {source}: {e}; keep optim.* and the stage length of that "
                              "run, or start a new stage with train.init_from") from None
-        _unshare_adam_steps(s.optimizer)
         rs = meta.get("run_state") or {}
         s.step = int(meta["step"])
         s.consumed = s.loader.resume(rs["data"]) if "data" in rs else int(rs.get("consumed_samples", 0))
@@ -161,17 +160,6 @@ def restore(s: Session) -> None:
         if hasattr(s.optimizer, "reload_model_params"):
             s.optimizer.reload_model_params()
         s.logger.note(f"initialised weights from {found} (fresh optimizer and LR schedule)")
-
-
-def _unshare_adam_steps(optimizer) -> None:
-    """megatron-core without Apex/TE loads the distributed optimizer's Adam 'step' as ONE tensor shared
-    by every parameter's state; torch Adam increments it in place once per parameter, so after a resume
-    each parameter got a different bias correction. Give every state its own copy (bit-exact resume)."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        for st in (inner.state.values() if inner is not None else ()):
-            if torch.is_tensor(st.get("step")):
-                st["step"] = st["step"].clone()
 
 
 def _check_shape(path, model_cfg, key: str) -> None:
